@@ -1,0 +1,1 @@
+"""bnbench: the benchmarking harness for the kernels in `kernels`."""

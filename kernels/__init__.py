@@ -1,0 +1,16 @@
+"""Triton kernels for BatchNorm2d: training (two-pass and single-pass statistics) and inference.
+
+Public API:
+    batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, stats="single_pass", residual=None, activation=None)
+    BatchNorm2d(num_features, ..., *, stats="single_pass", activation=None)
+    convert_batchnorm(module, **kwargs)
+
+On CPU the kernels run through Triton's interpreter when TRITON_INTERPRET=1 is set
+before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
+"""
+
+from .modules import BatchNorm2d, convert_batchnorm
+from .ops import INTERPRETED, batch_norm, uses_triton
+
+__all__ = ["BatchNorm2d", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED"]

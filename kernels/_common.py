@@ -1,0 +1,162 @@
+"""Triton helpers shared by the forward and backward BatchNorm kernels.
+
+Every kernel sees its input as a *plane* of tiles, in one of two layouts
+(chosen on the host by :mod:`kernels._layout`):
+
+* ``CHANNELS_LAST=False`` (NCHW, spatial dims contiguous): a program owns one
+  channel ``c``; its plane is the ``(N, HW)`` matrix of that channel, element
+  ``(n, hw)`` at ``c * stride_chan + n * stride_row + hw``.  Tiles are
+  ``[BLOCK_ROW, BLOCK_COL]`` blocks of ``(n, hw)``; per-channel values are
+  scalars.
+* ``CHANNELS_LAST=True`` (NHWC, channels contiguous): a program owns a block of
+  ``BLOCK_COL`` channels; its plane is the ``(N*HW, BLOCK_COL)`` matrix of
+  those channels, element ``(r, c)`` at ``r * stride_row + c`` (``stride_chan``
+  is 0).  Tiles are ``[BLOCK_ROW, BLOCK_COL]`` blocks of rows; per-channel
+  values are ``[BLOCK_COL]`` vectors.
+
+The helpers below hide that difference, so each kernel body is written once.
+Row offsets are computed in int64: ``N*C*H*W`` may pass 2**31.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(tile, pid_c, n_rows, n_cols, n_col_blocks,
+          CHANNELS_LAST: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """Row indices [BLOCK_ROW], column indices [BLOCK_COL] and mask of tile `tile`."""
+    if CHANNELS_LAST:
+        row0 = tile * BLOCK_ROW
+        col0 = pid_c * BLOCK_COL
+    else:
+        row0 = (tile // n_col_blocks) * BLOCK_ROW
+        col0 = (tile % n_col_blocks) * BLOCK_COL
+    rows = row0 + tl.arange(0, BLOCK_ROW)
+    cols = col0 + tl.arange(0, BLOCK_COL)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows, cols, mask
+
+
+@triton.jit
+def _offsets(rows, cols, pid_c, stride_row, stride_chan):
+    """Element offsets [BLOCK_ROW, BLOCK_COL] of a tile in a tensor with these strides."""
+    return pid_c.to(tl.int64) * stride_chan + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+
+
+@triton.jit
+def _channels(pid_c, cols, CHANNELS_LAST: tl.constexpr):
+    """The channel index of this program: a scalar (NCHW) or the column vector (NHWC)."""
+    if CHANNELS_LAST:
+        return cols
+    else:
+        return pid_c
+
+
+@triton.jit
+def _per_channel(v, CHANNELS_LAST: tl.constexpr):
+    """Sum a [BLOCK_ROW, BLOCK_COL] tile into its per-channel values."""
+    if CHANNELS_LAST:
+        return tl.sum(v, axis=0)
+    else:
+        return tl.sum(tl.sum(v, axis=1), axis=0)
+
+
+@triton.jit
+def _bcast(v, CHANNELS_LAST: tl.constexpr):
+    """Broadcast a per-channel value over a tile."""
+    if CHANNELS_LAST:
+        return v[None, :]
+    else:
+        return v
+
+
+@triton.jit
+def _split_offsets(s, ch, C, CHANNELS_LAST: tl.constexpr):
+    """Offsets into a [split, C] partials buffer for split indices `s` and channels `ch`."""
+    if CHANNELS_LAST:
+        return s[:, None] * C + ch[None, :]
+    else:
+        return s * C + ch
+
+
+@triton.jit
+def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, M2, count) summaries; empty summaries are safe."""
+    n = n_a + n_b
+    frac_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac_b
+    m2 = m2_a + m2_b + delta * delta * n_a * frac_b
+    return mean, m2, n
+
+
+@triton.jit
+def _merge_sums(part_ptr, ch, C, split, CHANNELS_LAST: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """Sum the `split` partials of channels `ch` in a fixed order (deterministic)."""
+    mask_c = ch < C
+    total = _per_channel_zero(ch, part_ptr.dtype.element_ty, CHANNELS_LAST)
+    for s0 in range(0, split, BLOCK_SPLIT):
+        s = s0 + tl.arange(0, BLOCK_SPLIT)
+        mask = _split_mask(s < split, mask_c, CHANNELS_LAST)
+        part = tl.load(part_ptr + _split_offsets(s, ch, C, CHANNELS_LAST), mask=mask, other=0.0)
+        total += tl.sum(part, axis=0)
+    return total
+
+
+@triton.jit
+def _merge_welford(count_ptr, mean_ptr, m2_ptr, ch, C, split,
+                   CHANNELS_LAST: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """Chan-merge the `split` (count, mean, M2) partials of channels `ch`; returns (mean, M2)."""
+    mask_c = ch < C
+    acc_ty = mean_ptr.dtype.element_ty
+    mean = _per_channel_zero(ch, acc_ty, CHANNELS_LAST)
+    m2 = _per_channel_zero(ch, acc_ty, CHANNELS_LAST)
+    count = _per_channel_zero(ch, acc_ty, CHANNELS_LAST)
+    for s0 in range(0, split, BLOCK_SPLIT):
+        s = s0 + tl.arange(0, BLOCK_SPLIT)
+        mask = _split_mask(s < split, mask_c, CHANNELS_LAST)
+        offs = _split_offsets(s, ch, C, CHANNELS_LAST)
+        # masked partials are empty summaries (count 0), which the merge ignores
+        b_n = tl.load(count_ptr + offs, mask=mask, other=0.0)
+        b_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+        b_m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0)
+        b_mean, b_m2, b_n = tl.reduce((b_mean, b_m2, b_n), 0, _chan_combine)
+        mean, m2, count = _chan_combine(mean, m2, count, b_mean, b_m2, b_n)
+    return mean, m2
+
+
+@triton.jit
+def _split_mask(mask_s, mask_c, CHANNELS_LAST: tl.constexpr):
+    """Mask of a [split block, channels] load; in NCHW the program's channel is always valid."""
+    if CHANNELS_LAST:
+        return mask_s[:, None] & mask_c[None, :]
+    else:
+        return mask_s
+
+
+@triton.jit
+def _per_channel_zero(ch, dtype: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """A zero per-channel value: [BLOCK_COL] vector (NHWC) or scalar (NCHW)."""
+    if CHANNELS_LAST:
+        return tl.zeros(ch.shape, dtype)
+    else:
+        return tl.zeros((), dtype)
+
+
+@triton.jit
+def _inv_std(var, eps):
+    """1 / sqrt(var + eps), correctly rounded (fp32) or in fp64."""
+    if var.dtype == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:
+        return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _load_channel(ptr, ch, C, other, dtype: tl.constexpr, HAS: tl.constexpr):
+    """Per-channel parameter `ptr[ch]` cast to `dtype`, or `other` when the pointer is absent."""
+    if HAS:
+        return tl.load(ptr + ch, mask=ch < C, other=other).to(dtype)
+    else:
+        return other

@@ -1,0 +1,221 @@
+"""How a tensor of shape (N, C, *spatial) is laid out for the kernels, and how the work is split.
+
+Layouts
+-------
+The kernels read a tensor as an ``(N, C, HW)`` view, ``HW`` being the product of
+the spatial sizes, through two strides per tensor (see :mod:`kernels._common`):
+
+* **NCHW path** (``channels_last=False``): the spatial dims flatten to one
+  contiguous axis (``stride_hw == 1``); ``stride_n`` and ``stride_c`` are free,
+  so contiguous tensors and channel/batch slices of them are read in place.
+* **NHWC path** (``channels_last=True``): channels are contiguous
+  (``stride_c == 1``) and ``(n, hw)`` flatten to one row index
+  (``stride_n == HW * stride_hw``): ``torch.channels_last`` /
+  ``channels_last_3d`` tensors, and ``(N, C)`` matrices.
+
+Any other strided input is first copied to the contiguous layout.  The output
+is allocated with ``torch.empty_like`` when the input is dense, so it keeps the
+input's memory format; other operands (residual, grad_output) that do not fit
+the chosen path are copied into it.
+
+Work split (the heuristic)
+--------------------------
+Each channel's ``M = N*HW`` elements form a plane of tiles ``[BLOCK_ROW,
+BLOCK_COL]``; ``split`` programs share the tiles of one channel group, giving a
+grid of ``groups x split`` programs, and the partial statistics of those
+programs are merged deterministically (fixed order, no atomics) by every
+program of the next launch.
+
+* Aim for ``TARGET_WAVES x SMs`` programs (4 x 132 = 528 on an H100), so that a
+  shape with few channels (C=64) still fills the GPU.
+* Every next-launch program re-reads the ``split`` partials of its channels, so
+  that reading costs ``~3 * C * split**2`` values against ``C * M`` for x.
+  ``split`` is capped at ``sqrt(M / 32)`` to keep it a few percent of x.
+* In NHWC a channel group is ``BLOCK_COL`` channels; the widest of 64, 32, 16, 8
+  that still reaches the target under that cap is used (8 fp32 values = one
+  32-byte sector per row).
+* Without CUDA (the interpreter), plans are made for an H100 (132 SMs) so the
+  programs the interpreter counts are those a real launch would have.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+H100_SMS = 132
+TARGET_WAVES = 4
+TILE_ELEMS = 4096  # elements per tile: 16 fp32 values per thread at 8 warps
+MERGE_RATIO = 32  # split <= sqrt(M / MERGE_RATIO)
+MAX_BLOCK_SPLIT = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a launch's programs are and what each one reads."""
+
+    channels_last: bool
+    N: int
+    C: int
+    HW: int
+    n_rows: int  # rows of a channel group's plane: N (NCHW) or N*HW (NHWC)
+    n_cols: int  # columns: HW (NCHW) or C (NHWC)
+    n_col_blocks: int  # column blocks per plane (1 in NHWC)
+    groups: int  # channel groups: C (NCHW) or cdiv(C, BLOCK_COL) (NHWC)
+    tiles: int  # tiles per channel group
+    split: int  # programs per channel group
+    tiles_per_prog: int
+    BLOCK_ROW: int
+    BLOCK_COL: int
+    BLOCK_SPLIT: int
+    num_warps: int
+
+    @property
+    def grid(self):
+        return (self.groups, self.split)
+
+    @property
+    def count(self):
+        """Elements per channel (M = N*HW)."""
+        return self.N * self.HW
+
+
+def num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
+
+
+def _spatial(t):
+    """(HW, stride_hw): stride_hw is None when HW <= 1 or the spatial dims do not flatten."""
+    hw = math.prod(t.shape[2:])
+    dims = [(s, st) for s, st in zip(t.shape[2:], t.stride()[2:]) if s != 1]
+    if hw <= 1 or not dims:
+        return hw, None
+    for (_, outer), (inner_size, inner) in zip(dims, dims[1:]):
+        if outer != inner * inner_size:
+            return hw, None
+    return hw, dims[-1][1]
+
+
+def fits(t, channels_last):
+    """True when `t` can be read in place on the given path."""
+    N, C = t.shape[0], t.shape[1]
+    hw, s_hw = _spatial(t)
+    s_n, s_c = t.stride(0), t.stride(1)
+    if channels_last:
+        if C > 1 and s_c != 1:
+            return False
+        if hw <= 1:
+            return True
+        return s_hw is not None and (N <= 1 or s_n == hw * s_hw)
+    return hw <= 1 or s_hw == 1
+
+
+def strides(t, channels_last):
+    """(stride_row, stride_chan) of a tensor that fits the path."""
+    hw, s_hw = _spatial(t)
+    if channels_last:
+        return (s_hw if hw > 1 else t.stride(0)), 0
+    return t.stride(0), t.stride(1)
+
+
+def layout_of(x):
+    """(fits in place, channels_last): the path the kernels take for `x`.
+
+    Pure in sizes and strides, so fake (meta) tensors get the same answer.
+    """
+    hw, _ = _spatial(x)
+    if hw > 1 and fits(x, False):
+        return True, False
+    if fits(x, True):
+        return True, True
+    return False, hw <= 1
+
+
+def choose_layout(x):
+    """(x or a contiguous copy of it, channels_last)."""
+    in_place, channels_last = layout_of(x)
+    return (x if in_place else x.contiguous()), channels_last
+
+
+def to_layout(t, channels_last):
+    """`t` itself when it fits the path, else a copy laid out for it."""
+    if fits(t, channels_last):
+        return t
+    out = empty_for(t.shape, channels_last, t.dtype, t.device)
+    return out.copy_(t)
+
+
+def empty_for(shape, channels_last, dtype, device):
+    """A new tensor laid out natively for the path: contiguous, or channels-innermost."""
+    if not channels_last:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=device).movedim(-1, 1)
+
+
+def _dense(t):
+    """True when t's elements fill its storage span exactly once (some permutation of contiguous)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def empty_output(x):
+    """The output for input `x`: x's own strides when x is dense and read in place
+    (so the memory format is kept), else the path's native layout."""
+    in_place, channels_last = layout_of(x)
+    if in_place and _dense(x):
+        return torch.empty_like(x)
+    return empty_for(x.shape, channels_last, x.dtype, x.device)
+
+
+def plan(x, channels_last, *, merge=True):
+    """Block sizes and work split for `x` on the given path (see the module docstring).
+
+    `merge=False` is for launches that merge no partials (eval): split is then
+    limited only by the number of tiles.
+    """
+    N, C = x.shape[0], x.shape[1]
+    HW = math.prod(x.shape[2:])
+    M = N * HW
+    target = TARGET_WAVES * num_sms(x.device)
+    max_split = max(1, math.isqrt(M // MERGE_RATIO)) if merge else None
+    tile_elems = TILE_ELEMS // 2 if x.dtype == torch.float64 else TILE_ELEMS
+    if channels_last:
+        n_rows, n_cols = M, C
+        block_col = 8
+        for cand in (64, 32, 16):
+            if cand <= triton.next_power_of_2(C) and (
+                max_split is None or triton.cdiv(C, cand) * max_split >= target
+            ):
+                block_col = cand
+                break
+        block_row = min(triton.next_power_of_2(max(n_rows, 1)), tile_elems // block_col)
+        groups = triton.cdiv(C, block_col)
+        n_col_blocks = 1
+    else:
+        n_rows, n_cols = N, HW
+        block_col = min(triton.next_power_of_2(max(HW, 1)), tile_elems)
+        block_row = min(triton.next_power_of_2(max(N, 1)), tile_elems // block_col)
+        groups = C
+        n_col_blocks = triton.cdiv(HW, block_col)
+    tiles = triton.cdiv(n_rows, block_row) * n_col_blocks
+    split = triton.cdiv(target, max(groups, 1))
+    if max_split is not None:
+        split = min(split, max_split)
+    split = max(1, min(split, tiles))
+    tiles_per_prog = triton.cdiv(tiles, split)
+    split = max(1, triton.cdiv(tiles, max(tiles_per_prog, 1)))  # no idle programs
+    return Plan(
+        channels_last=channels_last, N=N, C=C, HW=HW,
+        n_rows=n_rows, n_cols=n_cols, n_col_blocks=n_col_blocks, groups=groups,
+        tiles=tiles, split=split, tiles_per_prog=tiles_per_prog,
+        BLOCK_ROW=block_row, BLOCK_COL=block_col,
+        BLOCK_SPLIT=min(triton.next_power_of_2(split), MAX_BLOCK_SPLIT),
+        num_warps=8 if block_row * block_col >= 2048 else 4,
+    )

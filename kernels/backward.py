@@ -1,0 +1,238 @@
+r"""BatchNorm backward kernels: dx, dweight, dbias (and the residual's gradient).
+
+Maths, per channel over its M = N*H*W elements, with the saved mean and
+rstd = 1/sqrt(var + eps) of the forward:
+
+    x_hat = (x - mean) * rstd
+    g     = dy, masked by the ReLU where the forward applied one (g = dy * [z > 0])
+    dbias   = sum g
+    dweight = sum g * x_hat
+    dx = w * rstd * (g - dbias / M - x_hat * dweight / M)     (batch statistics)
+    dx = w * rstd * g                                          (fixed statistics, eval)
+    dresidual = g
+
+Where the forward fused a ReLU, its pre-activation sign is recomputed from x
+(z = x_hat * w + b) when there is no residual, and read from the saved output
+y when there is (y > 0 exactly where z > 0, as torch's threshold_backward).
+
+Launches: (1) per-split partial sums of g and g * x_hat, one read of x and
+dy; (2) every program merges its channels' partials in a fixed order
+(deterministic, no atomics), split 0 writes dweight and dbias, and all
+programs write dx in a second read of x and dy.  Accumulation in fp32 (fp64
+for fp64 input); dx in x's dtype, dweight and dbias in the parameters' dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    _bcast, _channels, _load_channel, _merge_sums, _offsets, _per_channel, _tile,
+)
+from ._layout import choose_layout, empty_output, plan, strides, to_layout
+from .forward import acc_dtype, tl_acc
+
+
+@triton.jit
+def _grad_through_relu(dy, x_hat, y_ptr, offs_y, mask, w, b,
+                       RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """dy masked where the forward's ReLU was inactive (no-op without ReLU)."""
+    if RELU:
+        if HAS_RESIDUAL:
+            active = tl.load(y_ptr + offs_y, mask=mask, other=0.0) > 0.0
+        else:
+            active = x_hat * w + b > 0.0
+        dy = tl.where(active, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    x_ptr, dy_ptr,  # input and grad_output (N, C, HW), each with its (row, chan) strides
+    y_ptr,  # forward output, read for the ReLU mask when RELU and HAS_RESIDUAL
+    w_ptr, b_ptr,  # [C] weight and bias (the ReLU recompute needs them)
+    mean_ptr, rstd_ptr,  # [C] saved statistics, ACC dtype
+    part_g_ptr, part_gx_ptr,  # [split, C] out: per-split sum g and sum g * x_hat
+    C, n_rows, n_cols, n_col_blocks, tiles, tiles_per_prog,  # plane geometry and split
+    stride_x_row, stride_x_chan, stride_dy_row, stride_dy_chan, stride_y_row, stride_y_chan,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_ROW: tl.constexpr,
+    BLOCK_COL: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
+    mean = _bcast(_load_channel(mean_ptr, ch, C, 0.0, ACC, True), CHANNELS_LAST)
+    rstd = _bcast(_load_channel(rstd_ptr, ch, C, 0.0, ACC, True), CHANNELS_LAST)
+    w = _bcast(_load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT), CHANNELS_LAST)
+    b = _bcast(_load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS), CHANNELS_LAST)
+
+    acc_g = tl.zeros([BLOCK_ROW, BLOCK_COL], ACC)
+    acc_gx = tl.zeros([BLOCK_ROW, BLOCK_COL], ACC)
+    t_start = pid_s * tiles_per_prog
+    t_end = tl.minimum(t_start + tiles_per_prog, tiles)
+    for t in range(t_start, t_end):
+        rows, cols, mask = _tile(t, pid_c, n_rows, n_cols, n_col_blocks,
+                                 CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+        x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
+                    mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + _offsets(rows, cols, pid_c, stride_dy_row, stride_dy_chan),
+                     mask=mask, other=0.0).to(ACC)
+        x_hat = (x - mean) * rstd
+        g = _grad_through_relu(dy, x_hat, y_ptr,
+                               _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
+                               mask, w, b, RELU, HAS_RESIDUAL)
+        # masked elements have dy = 0, so they add nothing
+        acc_g += g
+        acc_gx += g * x_hat
+    out = pid_s * C + ch
+    tl.store(part_g_ptr + out, _per_channel(acc_g, CHANNELS_LAST), mask=ch < C)
+    tl.store(part_gx_ptr + out, _per_channel(acc_gx, CHANNELS_LAST), mask=ch < C)
+
+
+@triton.jit
+def _bn_bwd_dx_kernel(
+    x_ptr, dy_ptr, y_ptr,  # as in _bn_bwd_reduce_kernel
+    dx_ptr,  # out (WRITE_DX): grad of x, strides (stride_dx_row, stride_dx_chan)
+    dres_ptr,  # out (HAS_RESIDUAL and WRITE_DRES): grad of the residual
+    w_ptr, b_ptr, mean_ptr, rstd_ptr,  # [C] parameters and saved statistics
+    part_g_ptr, part_gx_ptr,  # [split, C] partials of _bn_bwd_reduce_kernel (NEED_SUMS)
+    dw_ptr, db_ptr,  # [C] out (WRITE_DW / WRITE_DB): dweight, dbias
+    C, n_rows, n_cols, n_col_blocks, tiles, tiles_per_prog, split, count,
+    stride_x_row, stride_x_chan, stride_dy_row, stride_dy_chan, stride_y_row, stride_y_chan,
+    stride_dx_row, stride_dx_chan, stride_dr_row, stride_dr_chan,
+    TRAINING: tl.constexpr,  # statistics were the batch's: dx gets the mean/var terms
+    NEED_SUMS: tl.constexpr,  # merge the partials (TRAINING, or dweight/dbias wanted)
+    WRITE_DX: tl.constexpr,
+    WRITE_DRES: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_ROW: tl.constexpr,
+    BLOCK_COL: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
+    mean = _load_channel(mean_ptr, ch, C, 0.0, ACC, True)
+    rstd = _load_channel(rstd_ptr, ch, C, 0.0, ACC, True)
+    w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
+    b = _load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS)
+
+    # dbias = sum g, dweight = sum g * x_hat: merged in a fixed order, written once
+    if NEED_SUMS:
+        sum_g = _merge_sums(part_g_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT)
+        sum_gx = _merge_sums(part_gx_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT)
+        if pid_s == 0:
+            if WRITE_DW:
+                tl.store(dw_ptr + ch, sum_gx, mask=ch < C)
+            if WRITE_DB:
+                tl.store(db_ptr + ch, sum_g, mask=ch < C)
+    if TRAINING:
+        mean_g = _bcast(sum_g / count, CHANNELS_LAST)
+        mean_gx = _bcast(sum_gx / count, CHANNELS_LAST)
+
+    if WRITE_DX or WRITE_DRES:
+        scale = _bcast(w * rstd, CHANNELS_LAST)
+        mean = _bcast(mean, CHANNELS_LAST)
+        rstd = _bcast(rstd, CHANNELS_LAST)
+        w = _bcast(w, CHANNELS_LAST)
+        b = _bcast(b, CHANNELS_LAST)
+        t_start = pid_s * tiles_per_prog
+        t_end = tl.minimum(t_start + tiles_per_prog, tiles)
+        for t in range(t_start, t_end):
+            rows, cols, mask = _tile(t, pid_c, n_rows, n_cols, n_col_blocks,
+                                     CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+            x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
+                        mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + _offsets(rows, cols, pid_c, stride_dy_row, stride_dy_chan),
+                         mask=mask, other=0.0).to(ACC)
+            x_hat = (x - mean) * rstd
+            g = _grad_through_relu(dy, x_hat, y_ptr,
+                                   _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
+                                   mask, w, b, RELU, HAS_RESIDUAL)
+            if WRITE_DRES:
+                tl.store(dres_ptr + _offsets(rows, cols, pid_c, stride_dr_row, stride_dr_chan),
+                         g.to(dres_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DX:
+                if TRAINING:
+                    dx = (g - mean_g - x_hat * mean_gx) * scale
+                else:
+                    dx = g * scale
+                tl.store(dx_ptr + _offsets(rows, cols, pid_c, stride_dx_row, stride_dx_chan),
+                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has_residual=False,
+                need_dx=True, need_dweight=True, need_dbias=True, need_dresidual=True):
+    """Gradients of :func:`kernels.forward.bn_forward_train` / ``bn_forward_eval``.
+
+    Args:
+        dy: grad of the output, shape of x (any strides: copied if they do not fit x's path).
+        x: the forward's input.
+        y: the forward's output; read only for the ReLU mask when a residual was added.
+        weight, bias: (C,) tensors or None.
+        mean, rstd: (C,) statistics the forward normalised with (batch or running).
+        training: the statistics were the batch's (adds their gradient terms to dx).
+        relu, has_residual: the fusions the forward applied.
+        need_*: which gradients to compute; the others are returned as None.
+
+    Returns:
+        (dx, dweight, dbias, dresidual).
+    """
+    C = x.shape[1]
+    dx = empty_output(x) if need_dx else None
+    dres = empty_output(x) if (has_residual and need_dresidual) else None
+    need_dweight = need_dweight and weight is not None
+    need_dbias = need_dbias and bias is not None
+    dw = torch.empty_like(weight) if need_dweight else None
+    db = torch.empty_like(bias) if need_dbias else None
+    if x.numel() == 0:
+        return dx, (dw.zero_() if dw is not None else None), (db.zero_() if db is not None else None), dres
+
+    x, channels_last = choose_layout(x)
+    dy = to_layout(dy, channels_last)
+    y = to_layout(y, channels_last) if (relu and has_residual) else None
+    p = plan(x, channels_last)
+    acc = acc_dtype(x.dtype)
+    need_sums = training or need_dweight or need_dbias
+    part_g = part_gx = None
+    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
+                  HAS_RESIDUAL=has_residual, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
+                  BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, num_warps=p.num_warps)
+    y_strides = strides(y, channels_last) if y is not None else (0, 0)
+    if need_sums:
+        part_g = torch.empty((p.split, C), dtype=acc, device=x.device)
+        part_gx = torch.empty((p.split, C), dtype=acc, device=x.device)
+        _bn_bwd_reduce_kernel[p.grid](
+            x, dy, y, weight, bias, mean, rstd, part_g, part_gx,
+            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog,
+            *strides(x, channels_last), *strides(dy, channels_last), *y_strides,
+            **common,
+        )
+    write_dx, write_dres = dx is not None, dres is not None
+    # without dx or the residual's grad, only split 0 (which writes dweight/dbias) is needed
+    grid = p.grid if (write_dx or write_dres) else (p.groups, 1)
+    if need_sums or write_dx or write_dres:
+        _bn_bwd_dx_kernel[grid](
+            x, dy, y, dx, dres, weight, bias, mean, rstd, part_g, part_gx, dw, db,
+            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
+            float(p.count),
+            *strides(x, channels_last), *strides(dy, channels_last), *y_strides,
+            *(strides(dx, channels_last) if write_dx else (0, 0)),
+            *(strides(dres, channels_last) if write_dres else (0, 0)),
+            TRAINING=training, NEED_SUMS=need_sums, WRITE_DX=write_dx, WRITE_DRES=write_dres,
+            WRITE_DW=need_dweight, WRITE_DB=need_dbias, BLOCK_SPLIT=p.BLOCK_SPLIT, **common,
+        )
+    return dx, dw, db, dres

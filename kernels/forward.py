@@ -1,0 +1,304 @@
+r"""BatchNorm forward kernels: batch statistics (two ways) and the per-channel affine map.
+
+Maths, per channel c over its M = N*H*W elements x_i:
+
+    mean  = (1/M) sum_i x_i
+    var   = (1/M) sum_i (x_i - mean)^2                    (biased, used to normalise)
+    rstd  = 1 / sqrt(var + eps)
+    y_i   = act((x_i - mean) * rstd * w + b [+ residual_i])     act = identity or ReLU
+    running_mean <- (1 - momentum) * running_mean + momentum * mean
+    running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)
+
+Statistics, two ways (both accumulate in fp32, fp64 for fp64 input):
+
+* ``two_pass``: read x for the per-split sums, merge them to the mean, read x
+  again for the per-split centred sums of squares sum (x - mean)^2, merge, then
+  normalise: 3 launches, x read 3 times, y written once.
+* ``single_pass``: one read of x gives each program's (count, mean, M2), each
+  tile's summary computed exactly in registers and Chan-merged into the
+  program's; the normalising launch merges those partials and writes y:
+  2 launches, x read twice, y written once.  Never sum(x^2) - sum(x)^2 / M,
+  which cancels catastrophically (mean 1e4, std 1 gives negative variances).
+
+Eval (or frozen statistics): one launch, x read once, y written once, with
+mean and var taken from the running statistics.
+
+Partial statistics live in ``[split, C]`` buffers; every program of the next
+launch merges the ``split`` partials of its channels in a fixed order, so the
+result is deterministic and no atomics are used.  Programs of split 0 write the
+saved statistics and update the running ones (once per call).
+
+Dtypes: x float16/bfloat16/float32/float64; weight, bias and running stats of
+x's dtype or float32.  y has x's dtype.  Saved mean and rstd are float32
+(float64 for float64 x).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums, _merge_welford,
+    _offsets, _per_channel, _per_channel_zero, _tile,
+)
+from ._layout import choose_layout, empty_output, plan, strides, to_layout
+
+# Values of the STATS constexpr.
+STATS_SUM = 0  # stats kernel: per-split sum of x (two-pass, first read)
+STATS_CENTRED = 1  # stats kernel: per-split sum of (x - mean)^2 (two-pass, second read)
+STATS_WELFORD = 2  # stats kernel: per-split (count, mean, M2) (single-pass)
+FROM_RUNNING = 0  # apply kernel: mean and var from the running statistics (eval)
+FROM_TWO_PASS = 1  # apply kernel: merge two-pass partials
+FROM_WELFORD = 2  # apply kernel: merge single-pass partials
+
+STATS_MODES = ("two_pass", "single_pass")
+
+
+def acc_dtype(dtype):
+    """Accumulation and saved-statistics dtype for an input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _bn_fwd_stats_kernel(
+    x_ptr,  # input, (N, C, HW) read through (stride_x_row, stride_x_chan), see _common
+    count_ptr,  # [split, C] out (WELFORD): elements each program saw per channel
+    part_a_ptr,  # [split, C] out: sums (SUM) or means (WELFORD); in: sums (CENTRED)
+    part_b_ptr,  # [split, C] out: centred sums of squares (CENTRED) or M2 (WELFORD)
+    C, n_rows, n_cols, n_col_blocks,  # plane geometry (see kernels._layout.Plan)
+    tiles, tiles_per_prog, split,  # tiles per channel group, per program; programs per group
+    count,  # M = N*HW, elements per channel (CENTRED: divides the merged sums)
+    stride_x_row, stride_x_chan,  # x: stride between rows; between channels (0 in NHWC)
+    STATS: tl.constexpr,  # STATS_SUM, STATS_CENTRED or STATS_WELFORD
+    ACC: tl.constexpr,  # accumulation dtype
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_ROW: tl.constexpr,
+    BLOCK_COL: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
+    out = pid_s * C + ch
+    t_start = pid_s * tiles_per_prog
+    t_end = tl.minimum(t_start + tiles_per_prog, tiles)
+
+    if STATS == 2:
+        # single pass: exact (count, mean, M2) of each tile, Chan-merged into the program's
+        mean = _per_channel_zero(ch, ACC, CHANNELS_LAST)
+        m2 = _per_channel_zero(ch, ACC, CHANNELS_LAST)
+        n = _per_channel_zero(ch, ACC, CHANNELS_LAST)
+        for t in range(t_start, t_end):
+            rows, cols, mask = _tile(t, pid_c, n_rows, n_cols, n_col_blocks,
+                                     CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+            x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
+                        mask=mask, other=0.0).to(ACC)
+            tile_n = _per_channel(mask.to(ACC), CHANNELS_LAST)
+            tile_mean = _per_channel(x, CHANNELS_LAST) / tl.maximum(tile_n, 1.0)
+            d = tl.where(mask, x - _bcast(tile_mean, CHANNELS_LAST), 0.0)
+            tile_m2 = _per_channel(d * d, CHANNELS_LAST)
+            mean, m2, n = _chan_combine(mean, m2, n, tile_mean, tile_m2, tile_n)
+        tl.store(count_ptr + out, n, mask=ch < C)
+        tl.store(part_a_ptr + out, mean, mask=ch < C)
+        tl.store(part_b_ptr + out, m2, mask=ch < C)
+    else:
+        if STATS == 1:
+            # two pass, second read: centre on the mean merged from the first read's sums
+            mean = _merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
+        acc = tl.zeros([BLOCK_ROW, BLOCK_COL], ACC)
+        for t in range(t_start, t_end):
+            rows, cols, mask = _tile(t, pid_c, n_rows, n_cols, n_col_blocks,
+                                     CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+            x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
+                        mask=mask, other=0.0).to(ACC)
+            if STATS == 0:
+                acc += x
+            else:
+                d = tl.where(mask, x - _bcast(mean, CHANNELS_LAST), 0.0)
+                acc += d * d
+        if STATS == 0:
+            tl.store(part_a_ptr + out, _per_channel(acc, CHANNELS_LAST), mask=ch < C)
+        else:
+            tl.store(part_b_ptr + out, _per_channel(acc, CHANNELS_LAST), mask=ch < C)
+
+
+@triton.jit
+def _bn_fwd_apply_kernel(
+    x_ptr,  # input (N, C, HW), strides (stride_x_row, stride_x_chan)
+    y_ptr,  # output, same shape, strides (stride_y_row, stride_y_chan)
+    res_ptr,  # residual added before the activation (HAS_RESIDUAL), same shape
+    w_ptr, b_ptr,  # [C] weight and bias (HAS_WEIGHT / HAS_BIAS), any float dtype
+    count_ptr, part_a_ptr, part_b_ptr,  # [split, C] partials of the stats kernel
+    run_mean_ptr, run_var_ptr,  # [C] running stats: read (FROM_RUNNING) or updated (UPDATE_RUNNING)
+    nbt_ptr,  # [] num_batches_tracked, already counting this batch (CUMULATIVE)
+    save_mean_ptr, save_rstd_ptr,  # [C] out (training): batch mean and 1/sqrt(var + eps), ACC dtype
+    C, n_rows, n_cols, n_col_blocks,  # plane geometry
+    tiles, tiles_per_prog, split,  # tiles per channel group, per program; programs per group
+    count, momentum, eps,  # M = N*HW; running-stats momentum; epsilon
+    stride_x_row, stride_x_chan, stride_y_row, stride_y_chan, stride_r_row, stride_r_chan,
+    STATS: tl.constexpr,  # FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,  # momentum = 1 / num_batches_tracked (momentum=None)
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_ROW: tl.constexpr,
+    BLOCK_COL: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
+    mask_c = ch < C
+
+    # per-channel mean and variance: running stats, or the merged batch partials
+    if STATS == 0:
+        mean = _load_channel(run_mean_ptr, ch, C, 0.0, ACC, True)
+        var = _load_channel(run_var_ptr, ch, C, 1.0, ACC, True)
+    else:
+        if STATS == 1:
+            mean = _merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
+            var = _merge_sums(part_b_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
+        else:
+            mean, m2 = _merge_welford(count_ptr, part_a_ptr, part_b_ptr, ch, C, split,
+                                      CHANNELS_LAST, BLOCK_SPLIT)
+            var = m2 / count
+    rstd = _inv_std(var, eps)
+
+    # one program per channel group records the batch statistics
+    if STATS != 0:
+        if pid_s == 0:
+            tl.store(save_mean_ptr + ch, mean, mask=mask_c)
+            tl.store(save_rstd_ptr + ch, rstd, mask=mask_c)
+            if UPDATE_RUNNING:
+                run_mean = tl.load(run_mean_ptr + ch, mask=mask_c, other=0.0).to(ACC)
+                run_var = tl.load(run_var_ptr + ch, mask=mask_c, other=0.0).to(ACC)
+                unbiased = var * (count / (count - 1.0))
+                if CUMULATIVE:
+                    momentum = 1.0 / tl.load(nbt_ptr).to(ACC)
+                tl.store(run_mean_ptr + ch, run_mean + momentum * (mean - run_mean), mask=mask_c)
+                tl.store(run_var_ptr + ch, run_var + momentum * (unbiased - run_var), mask=mask_c)
+
+    # y = (x - mean) * (w * rstd) + b [+ residual], then the activation
+    w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
+    b = _bcast(_load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS), CHANNELS_LAST)
+    scale = _bcast(w * rstd, CHANNELS_LAST)
+    mean = _bcast(mean, CHANNELS_LAST)
+    t_start = pid_s * tiles_per_prog
+    t_end = tl.minimum(t_start + tiles_per_prog, tiles)
+    for t in range(t_start, t_end):
+        rows, cols, mask = _tile(t, pid_c, n_rows, n_cols, n_col_blocks,
+                                 CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+        x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
+                    mask=mask, other=0.0).to(ACC)
+        y = (x - mean) * scale + b
+        if HAS_RESIDUAL:
+            y += tl.load(res_ptr + _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan),
+                         mask=mask, other=0.0).to(ACC)
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
+        tl.store(y_ptr + _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var, saved,
+                  p, momentum, eps, stats, update_running, relu, channels_last,
+                  num_batches_tracked=None):
+    """Launch the normalising kernel over plan `p` (x, y, residual already fit the layout)."""
+    count_buf, part_a, part_b = parts
+    save_mean, save_rstd = saved
+    res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
+    _bn_fwd_apply_kernel[p.grid](
+        x, y, residual, weight, bias, count_buf, part_a, part_b,
+        running_mean, running_var, num_batches_tracked, save_mean, save_rstd,
+        p.C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
+        float(p.count), float(momentum), float(eps),
+        *strides(x, channels_last), *strides(y, channels_last), *res_strides,
+        STATS=stats, UPDATE_RUNNING=update_running, CUMULATIVE=num_batches_tracked is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, RELU=relu, ACC=tl_acc(x.dtype),
+        CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL,
+        BLOCK_SPLIT=p.BLOCK_SPLIT, num_warps=p.num_warps,
+    )
+
+
+def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                     stats="single_pass", residual=None, relu=False, num_batches_tracked=None):
+    """BatchNorm forward with batch statistics.
+
+    Args:
+        x: (N, C, *) float tensor, N*HW > 1 (checked by the caller); NCHW and
+            channels-last layouts are read in place.
+        weight, bias: (C,) tensors or None.
+        running_mean, running_var: (C,) tensors updated in place, or None.
+        momentum: running-stats factor.
+        eps: added to the variance.
+        stats: "single_pass" (Welford/Chan, x read twice) or "two_pass" (x read 3 times).
+        residual: tensor of x's shape added before the activation, or None.
+        relu: apply ReLU after the affine step (and residual).
+        num_batches_tracked: for momentum=None, the batch counter (already
+            incremented): the running stats become cumulative averages,
+            momentum = 1 / num_batches_tracked, read on the device.
+
+    Returns:
+        (y, save_mean, save_rstd): y like x; mean and 1/sqrt(var+eps) as (C,)
+        float32 (float64 for float64 x).
+    """
+    y = empty_output(x)
+    C = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    save_mean = torch.empty(C, dtype=acc, device=x.device)
+    save_rstd = torch.empty(C, dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return y, save_mean.fill_(float("nan")), save_rstd.fill_(float("nan"))
+    x, channels_last = choose_layout(x)
+    residual = to_layout(residual, channels_last) if residual is not None else None
+    p = plan(x, channels_last)
+    part_shape = (p.split, C)
+    part_a = torch.empty(part_shape, dtype=acc, device=x.device)
+    part_b = torch.empty(part_shape, dtype=acc, device=x.device)
+    count_buf = torch.empty(part_shape, dtype=acc, device=x.device) if stats == "single_pass" else None
+    stats_passes = (STATS_WELFORD,) if stats == "single_pass" else (STATS_SUM, STATS_CENTRED)
+    for pass_ in stats_passes:
+        _bn_fwd_stats_kernel[p.grid](
+            x, count_buf, part_a, part_b,
+            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
+            float(p.count), *strides(x, channels_last),
+            STATS=pass_, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
+            BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT,
+            num_warps=p.num_warps,
+        )
+    _launch_apply(
+        x, y, residual, weight, bias, (count_buf, part_a, part_b),
+        running_mean, running_var, (save_mean, save_rstd), p, momentum, eps,
+        FROM_WELFORD if stats == "single_pass" else FROM_TWO_PASS,
+        running_mean is not None, relu, channels_last, num_batches_tracked,
+    )
+    return y, save_mean, save_rstd
+
+
+def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+    """BatchNorm forward with fixed statistics: y = act((x - mean) * w / sqrt(var + eps) + b [+ r]).
+
+    One launch: x read once, y written once.  Args as :func:`bn_forward_train`;
+    running_mean and running_var are read, not updated.
+    """
+    y = empty_output(x)
+    if x.numel() == 0:
+        return y
+    x, channels_last = choose_layout(x)
+    residual = to_layout(residual, channels_last) if residual is not None else None
+    p = plan(x, channels_last, merge=False)
+    _launch_apply(
+        x, y, residual, weight, bias, (None, None, None),
+        running_mean, running_var, (None, None), p, 0.0, eps, FROM_RUNNING, False, relu,
+        channels_last,
+    )
+    return y

@@ -31,9 +31,14 @@ program of the next launch.
 * Every next-launch program re-reads the ``split`` partials of its channels, so
   that reading costs ``~3 * C * split**2`` values against ``C * M`` for x.
   ``split`` is capped at ``sqrt(M / 32)`` to keep it a few percent of x.
+* In NCHW a tile is ``[rows of n, BLOCK_COL of hw]``: the widest block of 64..1024
+  that pads a spatial row by at most 1/8 (3136 = 56*56 -> 512), rows filling
+  the tile to TILE_ELEMS.
 * In NHWC a channel group is ``BLOCK_COL`` channels; the widest of 64, 32, 16, 8
   that still reaches the target under that cap is used (8 fp32 values = one
   32-byte sector per row).
+* Tiles hold TILE_ELEMS elements (half for fp64), halved down to
+  MIN_TILE_ELEMS while that is needed to reach the target.
 * Without CUDA (the interpreter), plans are made for an H100 (132 SMs) so the
   programs the interpreter counts are those a real launch would have.
 """
@@ -47,6 +52,7 @@ import triton
 H100_SMS = 132
 TARGET_WAVES = 4
 TILE_ELEMS = 4096  # elements per tile: 16 fp32 values per thread at 8 warps
+MIN_TILE_ELEMS = 1024  # tiles shrink down to this for small shapes, to make more programs
 MERGE_RATIO = 32  # split <= sqrt(M / MERGE_RATIO)
 MAX_BLOCK_SPLIT = 64
 
@@ -174,6 +180,15 @@ def empty_output(x):
     return empty_for(x.shape, channels_last, x.dtype, x.device)
 
 
+def _nchw_block_col(hw):
+    """Widest power-of-two block of a spatial row (64..1024) that pads it by at most 1/8;
+    for small rows, the whole row."""
+    for cand in (1024, 512, 256, 128, 64):
+        if cand < hw and triton.cdiv(hw, cand) * cand - hw <= hw // 8:
+            return cand
+    return min(triton.next_power_of_2(max(hw, 1)), 1024)
+
+
 def plan(x, channels_last, *, merge=True):
     """Block sizes and work split for `x` on the given path (see the module docstring).
 
@@ -184,31 +199,29 @@ def plan(x, channels_last, *, merge=True):
     HW = math.prod(x.shape[2:])
     M = N * HW
     target = TARGET_WAVES * num_sms(x.device)
-    max_split = max(1, math.isqrt(M // MERGE_RATIO)) if merge else None
-    tile_elems = TILE_ELEMS // 2 if x.dtype == torch.float64 else TILE_ELEMS
+    max_split = max(1, math.isqrt(M // MERGE_RATIO)) if merge else M
     if channels_last:
-        n_rows, n_cols = M, C
+        n_rows, n_cols, n_col_blocks = M, C, 1
         block_col = 8
         for cand in (64, 32, 16):
-            if cand <= triton.next_power_of_2(C) and (
-                max_split is None or triton.cdiv(C, cand) * max_split >= target
-            ):
+            if cand <= triton.next_power_of_2(C) and triton.cdiv(C, cand) * max_split >= target:
                 block_col = cand
                 break
-        block_row = min(triton.next_power_of_2(max(n_rows, 1)), tile_elems // block_col)
         groups = triton.cdiv(C, block_col)
-        n_col_blocks = 1
     else:
         n_rows, n_cols = N, HW
-        block_col = min(triton.next_power_of_2(max(HW, 1)), tile_elems)
-        block_row = min(triton.next_power_of_2(max(N, 1)), tile_elems // block_col)
-        groups = C
+        block_col = _nchw_block_col(HW)
         n_col_blocks = triton.cdiv(HW, block_col)
-    tiles = triton.cdiv(n_rows, block_row) * n_col_blocks
-    split = triton.cdiv(target, max(groups, 1))
-    if max_split is not None:
-        split = min(split, max_split)
-    split = max(1, min(split, tiles))
+        groups = C
+    # the largest tile that still gives enough programs (small shapes get smaller tiles)
+    tile_elems = TILE_ELEMS // 2 if x.dtype == torch.float64 else TILE_ELEMS
+    while True:
+        block_row = max(1, min(triton.next_power_of_2(max(n_rows, 1)), tile_elems // block_col))
+        tiles = triton.cdiv(n_rows, block_row) * n_col_blocks
+        if groups * min(tiles, max_split) >= target or tile_elems <= MIN_TILE_ELEMS:
+            break
+        tile_elems //= 2
+    split = max(1, min(triton.cdiv(target, max(groups, 1)), max_split, tiles))
     tiles_per_prog = triton.cdiv(tiles, split)
     split = max(1, triton.cdiv(tiles, max(tiles_per_prog, 1)))  # no idle programs
     return Plan(

@@ -16,8 +16,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_poison():
+    """Seed every test, and poison every allocation: with deterministic algorithms on, torch
+    fills each new tensor (outputs, partial-statistics buffers) with NaN, so an element a
+    kernel forgets to write fails the comparison."""
     torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS on GPU
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture

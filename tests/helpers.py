@@ -37,7 +37,7 @@ def f64(t, requires_grad=False):
     """A float64 CPU copy (a new leaf), or None."""
     if t is None:
         return None
-    return t.detach().double().cpu().requires_grad_(requires_grad)
+    return t.detach().to("cpu", torch.float64, copy=True).requires_grad_(requires_grad)
 
 
 def poison_(t):

@@ -1,0 +1,285 @@
+"""Compile every kernel variant ahead of time for real GPUs, without a GPU.
+
+The Triton interpreter runs the kernels' code on CPU but hides compile errors,
+register spills and unvectorised memory access.  This module:
+
+1. runs the host functions on CPU tensors with kernel launches *recorded*, not
+   executed (:func:`record_launches`), over scenarios that cover every
+   constexpr variant the ops can launch (:func:`scenarios`);
+2. specialises each recorded launch exactly as a real launch would (Triton's
+   own binder: argument types, 16-divisibility and alignment hints);
+3. compiles it with ``triton.compile`` for a ``GPUTarget`` (sm_80, sm_90) and
+   reads the compiled resources: registers and spills from ``ptxas -v`` (the
+   ptxas that ships in the triton wheel), shared memory, and the widest global
+   load and store in the PTX (``ld.global.v4.b32`` = 16 bytes).
+
+Must run with the interpreter off (``TRITON_INTERPRET`` unset before triton
+is imported): ``python -m kernels.aot`` prints a JSON list of results.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+ARCHS = (80, 90)
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the kernel and the arguments it was called with."""
+
+    scenario: str
+    fn: JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+
+
+@dataclass
+class Compiled:
+    """What the compiler produced for one launch on one architecture."""
+
+    scenario: str
+    kernel: str
+    arch: int
+    constexprs: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_frame: int
+    shared_bytes: int
+    max_load_bytes: int
+    max_store_bytes: int
+    error: str = ""
+
+
+@contextlib.contextmanager
+def record_launches(scenario):
+    """Within the block, `kernel[grid](...)` appends a Launch to the yielded list instead of running."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kernels.aot needs TRITON_INTERPRET unset (compiled JITFunctions)")
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def _tensor(shape, dtype, channels_last=False):
+    t = torch.empty(shape, dtype=dtype)
+    return t.to(memory_format=torch.channels_last) if channels_last else t
+
+
+def scenarios():
+    """(name, thunk) pairs whose launches cover every kernel variant the ops can launch.
+
+    Every dtype pattern and layout with the plain flags, on an aligned shape
+    (16-byte vectors possible) and an unaligned one (7x7); every flag on its
+    own and all together on the aligned fp32 shape, for both layouts.
+    """
+    from .backward import bn_backward
+    from .forward import bn_forward_eval, bn_forward_train
+
+    def train(shape, dtype, pdtype, cl, stats, affine=True, running=True, cumulative=False,
+              residual=False, relu=False):
+        C = shape[1]
+        x = _tensor(shape, dtype, cl)
+        w = torch.empty(C, dtype=pdtype) if affine else None
+        b = torch.empty(C, dtype=pdtype) if affine else None
+        rm = torch.empty(C, dtype=pdtype) if running else None
+        rv = torch.empty(C, dtype=pdtype) if running else None
+        nbt = torch.ones((), dtype=torch.long) if cumulative else None
+        r = _tensor(shape, dtype, cl) if residual else None
+        bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5, stats, r, relu, nbt)
+
+    def evaluate(shape, dtype, pdtype, cl, affine=True, residual=False, relu=False):
+        C = shape[1]
+        x = _tensor(shape, dtype, cl)
+        w = torch.empty(C, dtype=pdtype) if affine else None
+        b = torch.empty(C, dtype=pdtype) if affine else None
+        r = _tensor(shape, dtype, cl) if residual else None
+        bn_forward_eval(x, w, b, torch.empty(C, dtype=pdtype), torch.empty(C, dtype=pdtype),
+                        1e-5, r, relu)
+
+    def backward(shape, dtype, pdtype, cl, training=True, affine=True, residual=False,
+                 relu=False, need=(True, True, True, True)):
+        C = shape[1]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        x = _tensor(shape, dtype, cl)
+        w = torch.empty(C, dtype=pdtype) if affine else None
+        b = torch.empty(C, dtype=pdtype) if affine else None
+        bn_backward(_tensor(shape, dtype, cl), x, _tensor(shape, dtype, cl), w, b,
+                    torch.empty(C, dtype=acc), torch.empty(C, dtype=acc), training=training,
+                    relu=relu, has_residual=residual, need_dx=need[0], need_dweight=need[1],
+                    need_dbias=need[2], need_dresidual=need[3])
+
+    aligned, unaligned = (32, 64, 56, 56), (8, 256, 7, 7)
+    dtypes = [(torch.float32, torch.float32), (torch.float16, torch.float16),
+              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+              (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+    out = []
+    for shape in (aligned, unaligned):
+        for cl in (False, True):
+            for dtype, pdtype in dtypes:
+                tag = f"{tuple(shape)} {'nhwc' if cl else 'nchw'} {dtype}/{pdtype}"
+                for stats in ("single_pass", "two_pass"):
+                    out.append((f"train {stats} {tag}",
+                                lambda a=(shape, dtype, pdtype, cl, stats): train(*a)))
+                out.append((f"eval {tag}", lambda a=(shape, dtype, pdtype, cl): evaluate(*a)))
+                out.append((f"backward {tag}",
+                            lambda a=(shape, dtype, pdtype, cl): backward(*a)))
+    f32 = torch.float32
+    for cl in (False, True):
+        tag = f"{aligned} {'nhwc' if cl else 'nchw'} fp32"
+        flags = {
+            "no affine": dict(affine=False), "no running stats": dict(running=False),
+            "cumulative": dict(cumulative=True), "relu": dict(relu=True),
+            "residual": dict(residual=True), "residual+relu": dict(residual=True, relu=True),
+        }
+        for name, kw in flags.items():
+            out.append((f"train single_pass {name} {tag}",
+                        lambda kw=kw, cl=cl: train(aligned, f32, f32, cl, "single_pass", **kw)))
+        for name, kw in (("no affine", dict(affine=False)), ("relu", dict(relu=True)),
+                         ("residual+relu", dict(residual=True, relu=True))):
+            out.append((f"eval {name} {tag}",
+                        lambda kw=kw, cl=cl: evaluate(aligned, f32, f32, cl, **kw)))
+        bwd_flags = {
+            "eval stats": dict(training=False), "no affine": dict(affine=False),
+            "relu": dict(relu=True), "residual+relu": dict(residual=True, relu=True),
+            "residual": dict(residual=True), "no dx": dict(need=(False, True, True, False)),
+            "eval dx only": dict(training=False, need=(True, False, False, False)),
+        }
+        for name, kw in bwd_flags.items():
+            out.append((f"backward {name} {tag}",
+                        lambda kw=kw, cl=cl: backward(aligned, f32, f32, cl, **kw)))
+    return out
+
+
+def recorded_launches():
+    """Every distinct launch of every scenario (distinct by kernel and specialisation)."""
+    launches, seen = [], set()
+    for name, thunk in scenarios():
+        with record_launches(name) as got:
+            thunk()
+        for launch in got:
+            key = (launch.fn.__name__, _signature_key(launch))
+            if key not in seen:
+                seen.add(key)
+                launches.append(launch)
+    return launches
+
+
+def _bind(launch, target):
+    """Signature, constexprs, attrs and options exactly as a real launch on `target` would."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    return launch.fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+
+
+def _signature_key(launch):
+    _, signature, constexprs, attrs = _bind(launch, GPUTarget("cuda", 90, 32))
+    return str((sorted(signature.items()), sorted(constexprs.items(), key=str),
+                sorted(attrs.items(), key=str), launch.kwargs.get("num_warps")))
+
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_VEC_BITS = {"v2": 2, "v4": 4, "v8": 8}
+
+
+def _widest(ptx, op):
+    """Widest access in bytes of `op` (ld.global / st.global) in the PTX."""
+    widest = 0
+    for line in ptx.splitlines():
+        if op not in line:
+            continue
+        m = re.search(rf"{re.escape(op)}((?:\.\w+)*)", line)
+        parts = m.group(1).split(".")
+        lanes = next((_VEC_BITS[p] for p in parts if p in _VEC_BITS), 1)
+        bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bfsu]\d+", p)), 0)
+        widest = max(widest, lanes * bits // 8)
+    return widest
+
+
+def _ptxas_resources(ptx, arch):
+    """(registers, stack frame, spill stores, spill loads) from `ptxas -v` on the PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+             "-o", os.path.join(d, "k.cubin")],
+            capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    regs = int(_PTXAS_USED.search(log).group(1))
+    stack, stores, loads = (int(v) for v in _PTXAS_SPILL.search(log).groups())
+    return regs, stack, stores, loads
+
+
+def compile_launch(launch, arch):
+    """Compile one recorded launch for sm_<arch>; never raises (errors go in `error`)."""
+    target = GPUTarget("cuda", arch, 32)
+    options, signature, constexprs, attrs = _bind(launch, target)
+    names = launch.fn.arg_names
+    shown = ", ".join(f"{names[k[0]]}={v}" for k, v in sorted(constexprs.items())
+                      if names[k[0]].isupper())
+    result = Compiled(launch.scenario, launch.fn.__name__, arch, shown, options.num_warps,
+                      options.num_stages, 0, 0, 0, 0, 0, 0, 0)
+    try:
+        src = ASTSource(launch.fn, signature, constexprs, attrs)
+        with contextlib.redirect_stdout(io.StringIO()):
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+        ptx = compiled.asm["ptx"]
+        (result.registers, result.stack_frame, result.spill_stores,
+         result.spill_loads) = _ptxas_resources(ptx, arch)
+        result.shared_bytes = compiled.metadata.shared
+        result.max_load_bytes = _widest(ptx, "ld.global")
+        result.max_store_bytes = _widest(ptx, "st.global")
+    except Exception as e:  # recorded, so one broken variant does not hide the others
+        result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return result
+
+
+def compile_all(archs=ARCHS):
+    """Compile every distinct launch of every scenario for each architecture."""
+    return [compile_launch(launch, arch) for launch in recorded_launches() for arch in archs]
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
+                        help="compute capability (repeatable; default 80 and 90)")
+    args = parser.parse_args(argv)
+    results = compile_all(tuple(args.arch or ARCHS))
+    json.dump([asdict(r) for r in results], sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Parity of kernels.batch_norm with torch's batch norm, against a float64 reference.
+
+Forward output, input/weight/bias (and residual) gradients, running stats over
+two steps; both statistics modes; NCHW, channels_last and strided inputs; all
+supported dtypes.  Every allocation is poisoned with NaN (conftest).
+"""
+
+import pytest
+import torch
+
+import kernels
+from helpers import assert_close, f64, reference_batch_norm
+
+SHAPES = [
+    pytest.param((3, 5, 17, 13), id="3x5x17x13"),  # odd sizes, masks everywhere
+    pytest.param((1, 4, 9, 7), id="N1"),  # N=1 with H*W > 1
+    pytest.param((7, 6, 1, 1), id="HW1"),  # H=W=1 with N > 1
+    pytest.param((4, 3, 33, 5), id="C3"),  # C not a power of two, long odd rows
+]
+LAYOUTS = ["nchw", "channels_last", "channel_slice", "spatial_stride"]
+STATS = ["single_pass", "two_pass"]
+# (input dtype, parameter dtype): matching dtypes and the autocast pattern
+DTYPES = [
+    pytest.param((torch.float32, torch.float32), id="fp32"),
+    pytest.param((torch.float64, torch.float64), id="fp64"),
+    pytest.param((torch.float16, torch.float16), id="fp16"),
+    pytest.param((torch.bfloat16, torch.bfloat16), id="bf16"),
+    pytest.param((torch.float16, torch.float32), id="fp16-fp32params"),
+    pytest.param((torch.bfloat16, torch.float32), id="bf16-fp32params"),
+]
+
+
+def make_input(shape, layout, dtype, device, scale=2.0, shift=0.5):
+    """Fresh random input in the requested memory layout (values: N(shift, scale^2))."""
+    def rand(s):
+        return torch.randn(s, device=device, dtype=torch.float64).mul(scale).add(shift).to(dtype)
+
+    if layout == "nchw":
+        return rand(shape)
+    if layout == "channels_last":  # channels innermost, for any rank
+        return rand((shape[0], *shape[2:], shape[1])).movedim(-1, 1)
+    if layout == "channel_slice":  # every other channel of a bigger tensor: read in place
+        return rand((shape[0], 2 * shape[1], *shape[2:]))[:, ::2]
+    if layout == "spatial_stride":  # every other column: copied before the kernels
+        return rand((*shape[:-1], 2 * shape[-1]))[..., ::2]
+    raise ValueError(layout)
+
+
+def make_params(C, dtype, device):
+    w = torch.rand(C, device=device, dtype=torch.float64).add(0.5).to(dtype)
+    b = torch.randn(C, device=device, dtype=torch.float64).to(dtype)
+    rm = torch.randn(C, device=device, dtype=torch.float64).to(dtype)
+    rv = torch.rand(C, device=device, dtype=torch.float64).add(0.5).to(dtype)
+    return w, b, rm, rv
+
+
+def check_train_step(x, w, b, rm, rv, stats, momentum=0.1, residual=None, activation=None,
+                     param_dtype=None):
+    """One training step against the float64 reference: y, dx, dw, db, d(residual), running stats."""
+    dtype = x.dtype
+    pdtype = param_dtype or dtype
+    ref_rm, ref_rv = f64(rm), f64(rv)
+    xr, wr, br = f64(x, True), f64(w, True), f64(b, True)
+    rr = f64(residual, True)
+    y_ref = reference_batch_norm(xr, ref_rm, ref_rv, wr, br, True, momentum, 1e-5, rr,
+                                 activation == "relu")
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_() if w is not None else None
+    b = b.detach().requires_grad_() if b is not None else None
+    residual = residual.detach().requires_grad_() if residual is not None else None
+    y = kernels.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5, stats=stats,
+                           residual=residual, activation=activation)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype, "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(f64(dy))
+    assert_close(x.grad, xr.grad, dtype, "dx")
+    if w is not None:
+        assert w.grad.dtype == w.dtype
+        assert_close(w.grad, wr.grad, pdtype, "dweight")
+        assert_close(b.grad, br.grad, pdtype, "dbias")
+    if residual is not None:
+        assert_close(residual.grad, rr.grad, dtype, "dresidual")
+    if rm is not None:
+        assert_close(rm, ref_rm, pdtype, "running_mean")
+        assert_close(rv, ref_rv, pdtype, "running_var")
+    return y
+
+
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_train_fp32_shapes_and_layouts(shape, layout, stats, device):
+    x = make_input(shape, layout, torch.float32, device)
+    w, b, rm, rv = make_params(shape[1], torch.float32, device)
+    for _ in range(2):  # two steps: the running stats compound
+        y = check_train_step(x, w, b, rm, rv, stats)
+        x = make_input(shape, layout, torch.float32, device)
+    if layout in ("nchw", "channels_last"):
+        assert y.stride() == x.stride(), "output must keep the input's memory format"
+
+
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_train_dtypes(dtypes, layout, stats, device):
+    dtype, pdtype = dtypes
+    shape = (3, 5, 11, 7)
+    x = make_input(shape, layout, dtype, device)
+    w, b, rm, rv = make_params(shape[1], pdtype, device)
+    for _ in range(2):
+        check_train_step(x, w, b, rm, rv, stats, param_dtype=pdtype)
+        x = make_input(shape, layout, dtype, device)
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (5, 3, 10), (2, 3, 5, 4, 3)], ids=["2d", "3d", "5d"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("stats", STATS)
+def test_train_other_ranks(shape, layout, stats, device):
+    """(N, C) as BatchNorm1d, (N, C, L) and (N, C, D, H, W) in both layouts."""
+    x = make_input(shape, layout, torch.float32, device)
+    w, b, rm, rv = make_params(shape[1], torch.float32, device)
+    check_train_step(x, w, b, rm, rv, stats)
+
+
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("running", [True, False])
+def test_train_without_affine_or_running_stats(affine, running, stats, device):
+    x = make_input((3, 5, 9, 7), "nchw", torch.float32, device)
+    w, b, rm, rv = make_params(5, torch.float32, device)
+    check_train_step(x, w if affine else None, b if affine else None,
+                     rm if running else None, rv if running else None, stats)
+
+
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("fusion", ["relu", "residual", "residual+relu"])
+def test_train_fusions(fusion, layout, stats, device):
+    """relu(bn(x) + residual) and its gradients, the residual's included."""
+    shape = (3, 5, 9, 7)
+    x = make_input(shape, layout, torch.float32, device, shift=0.0)
+    w, b, rm, rv = make_params(5, torch.float32, device)
+    residual = make_input(shape, "nchw", torch.float32, device) if "residual" in fusion else None
+    y = check_train_step(x, w, b, rm, rv, stats, residual=residual,
+                         activation="relu" if "relu" in fusion else None)
+    if "relu" in fusion:
+        assert (y == 0).any() and (y > 0).any(), "the ReLU case must have both signs"
+
+
+def test_train_fusions_fp16_residual(device):
+    x = make_input((3, 5, 9, 7), "channels_last", torch.float16, device, shift=0.0)
+    w, b, rm, rv = make_params(5, torch.float32, device)
+    residual = make_input((3, 5, 9, 7), "channels_last", torch.float16, device)
+    check_train_step(x, w, b, rm, rv, "single_pass", residual=residual, activation="relu",
+                     param_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "spatial_stride"])
+@pytest.mark.parametrize("fusion", [None, "relu", "residual+relu"])
+def test_eval(dtypes, layout, fusion, device):
+    """Fixed statistics: output and gradients, running stats untouched."""
+    dtype, pdtype = dtypes
+    shape = (3, 5, 11, 7)
+    x = make_input(shape, layout, dtype, device).requires_grad_()
+    w, b, rm, rv = make_params(5, pdtype, device)
+    w.requires_grad_()
+    b.requires_grad_()
+    rm0, rv0 = rm.clone(), rv.clone()
+    residual = (make_input(shape, "nchw", dtype, device).requires_grad_()
+                if fusion and "residual" in fusion else None)
+    relu = fusion is not None and "relu" in fusion
+    xr, wr, br, rr = f64(x, True), f64(w, True), f64(b, True), f64(residual, True)
+    y_ref = reference_batch_norm(xr, f64(rm), f64(rv), wr, br, False, 0.1, 1e-5, rr, relu)
+    y = kernels.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, residual=residual,
+                           activation="relu" if relu else None)
+    assert_close(y, y_ref, dtype, "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(f64(dy))
+    assert_close(x.grad, xr.grad, dtype, "dx")
+    assert_close(w.grad, wr.grad, pdtype, "dweight")
+    assert_close(b.grad, br.grad, pdtype, "dbias")
+    if residual is not None:
+        assert_close(residual.grad, rr.grad, dtype, "dresidual")
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "eval must not touch running stats"
+
+
+@pytest.mark.parametrize("stats", STATS)
+def test_partial_gradients(stats, device):
+    """Only some inputs need grad: the others get none, the rest are right."""
+    x = make_input((3, 5, 9, 7), "nchw", torch.float32, device)
+    w, b, _, _ = make_params(5, torch.float32, device)
+    w.requires_grad_()
+    y = kernels.batch_norm(x, None, None, w, b, True, stats=stats)
+    xr, wr = f64(x), f64(w, True)
+    y_ref = reference_batch_norm(xr, None, None, wr, f64(b), True, 0.1, 1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(f64(dy))
+    assert x.grad is None and b.grad is None
+    assert_close(w.grad, wr.grad, torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_size_batch(training, device):
+    """N=0: empty output, zero parameter gradients, running stats unchanged (as torch)."""
+    x = torch.randn(0, 5, 4, 3, device=device, requires_grad=True)
+    w, b, rm, rv = make_params(5, torch.float32, device)
+    w.requires_grad_()
+    b.requires_grad_()
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = kernels.batch_norm(x, rm, rv, w, b, training)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)

@@ -10,7 +10,9 @@ On CPU the kernels run through Triton's interpreter when TRITON_INTERPRET=1 is s
 before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
 """
 
+from .fold import BatchNormInference, FoldRecord, FoldReport, fold_batchnorm, fold_conv_bn
 from .modules import BatchNorm2d, convert_batchnorm
 from .ops import INTERPRETED, batch_norm, uses_triton
 
-__all__ = ["BatchNorm2d", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED"]
+__all__ = ["BatchNorm2d", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
+           "BatchNormInference", "FoldRecord", "FoldReport", "fold_batchnorm", "fold_conv_bn"]

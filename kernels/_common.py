@@ -145,6 +145,20 @@ def _per_channel_zero(ch, dtype: tl.constexpr, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _pivot(x_ptr, pid_c, ch, C, stride_chan, dtype: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Each channel's first element (n = 0, hw = 0): statistics are taken of x - pivot.
+
+    x - pivot is exact for data near the pivot, so sums of it keep full precision
+    even when the mean is large against the spread (mean 1e4, std 1), and the
+    per-program means merged later are small numbers.
+    """
+    if CHANNELS_LAST:
+        return tl.load(x_ptr + ch, mask=ch < C, other=0.0).to(dtype)
+    else:
+        return tl.load(x_ptr + pid_c.to(tl.int64) * stride_chan).to(dtype)
+
+
+@triton.jit
 def _inv_std(var, eps):
     """1 / sqrt(var + eps), correctly rounded (fp32) or in fp64."""
     if var.dtype == tl.float64:
@@ -159,4 +173,4 @@ def _load_channel(ptr, ch, C, other, dtype: tl.constexpr, HAS: tl.constexpr):
     if HAS:
         return tl.load(ptr + ch, mask=ch < C, other=other).to(dtype)
     else:
-        return other
+        return tl.zeros_like(ch).to(dtype) + other  # same shape as a loaded value

@@ -9,7 +9,10 @@ Maths, per channel c over its M = N*H*W elements x_i:
     running_mean <- (1 - momentum) * running_mean + momentum * mean
     running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)
 
-Statistics, two ways (both accumulate in fp32, fp64 for fp64 input):
+Statistics, two ways (both accumulate in fp32, fp64 for fp64 input, and both work
+on x - pivot, the pivot being each channel's first element, so that a large mean
+costs no precision; every program of a channel uses the same pivot, so partials
+merge as they are):
 
 * ``two_pass``: read x for the per-split sums, merge them to the mean, read x
   again for the per-split centred sums of squares sum (x - mean)^2, merge, then
@@ -39,7 +42,7 @@ import triton.language as tl
 
 from ._common import (
     _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums, _merge_welford,
-    _offsets, _per_channel, _per_channel_zero, _tile,
+    _offsets, _per_channel, _per_channel_zero, _pivot, _tile,
 )
 from ._layout import choose_layout, empty_output, plan, strides, to_layout
 
@@ -67,7 +70,7 @@ def tl_acc(dtype):
 def _bn_fwd_stats_kernel(
     x_ptr,  # input, (N, C, HW) read through (stride_x_row, stride_x_chan), see _common
     count_ptr,  # [split, C] out (WELFORD): elements each program saw per channel
-    part_a_ptr,  # [split, C] out: sums (SUM) or means (WELFORD); in: sums (CENTRED)
+    part_a_ptr,  # [split, C] out: shifted sums (SUM) or shifted means (WELFORD); in: (CENTRED)
     part_b_ptr,  # [split, C] out: centred sums of squares (CENTRED) or M2 (WELFORD)
     C, n_rows, n_cols, n_col_blocks,  # plane geometry (see kernels._layout.Plan)
     tiles, tiles_per_prog, split,  # tiles per channel group, per program; programs per group
@@ -86,6 +89,8 @@ def _bn_fwd_stats_kernel(
     out = pid_s * C + ch
     t_start = pid_s * tiles_per_prog
     t_end = tl.minimum(t_start + tiles_per_prog, tiles)
+    # statistics of x - pivot: exact for data with a large mean (see _pivot)
+    pivot = _bcast(_pivot(x_ptr, pid_c, ch, C, stride_x_chan, ACC, CHANNELS_LAST), CHANNELS_LAST)
 
     if STATS == 2:
         # single pass: exact (count, mean, M2) of each tile, Chan-merged into the program's
@@ -97,9 +102,10 @@ def _bn_fwd_stats_kernel(
                                      CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
             x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
                         mask=mask, other=0.0).to(ACC)
+            xs = tl.where(mask, x - pivot, 0.0)
             tile_n = _per_channel(mask.to(ACC), CHANNELS_LAST)
-            tile_mean = _per_channel(x, CHANNELS_LAST) / tl.maximum(tile_n, 1.0)
-            d = tl.where(mask, x - _bcast(tile_mean, CHANNELS_LAST), 0.0)
+            tile_mean = _per_channel(xs, CHANNELS_LAST) / tl.maximum(tile_n, 1.0)
+            d = tl.where(mask, xs - _bcast(tile_mean, CHANNELS_LAST), 0.0)
             tile_m2 = _per_channel(d * d, CHANNELS_LAST)
             mean, m2, n = _chan_combine(mean, m2, n, tile_mean, tile_m2, tile_n)
         tl.store(count_ptr + out, n, mask=ch < C)
@@ -108,7 +114,8 @@ def _bn_fwd_stats_kernel(
     else:
         if STATS == 1:
             # two pass, second read: centre on the mean merged from the first read's sums
-            mean = _merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
+            mean = _bcast(_merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT)
+                          / count, CHANNELS_LAST)
         acc = tl.zeros([BLOCK_ROW, BLOCK_COL], ACC)
         for t in range(t_start, t_end):
             rows, cols, mask = _tile(t, pid_c, n_rows, n_cols, n_col_blocks,
@@ -116,9 +123,9 @@ def _bn_fwd_stats_kernel(
             x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
                         mask=mask, other=0.0).to(ACC)
             if STATS == 0:
-                acc += x
+                acc += tl.where(mask, x - pivot, 0.0)
             else:
-                d = tl.where(mask, x - _bcast(mean, CHANNELS_LAST), 0.0)
+                d = tl.where(mask, x - pivot - mean, 0.0)
                 acc += d * d
         if STATS == 0:
             tl.store(part_a_ptr + out, _per_channel(acc, CHANNELS_LAST), mask=ch < C)
@@ -158,23 +165,27 @@ def _bn_fwd_apply_kernel(
     ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
     mask_c = ch < C
 
-    # per-channel mean and variance: running stats, or the merged batch partials
+    # per-channel mean (as pivot + shifted mean) and variance: running stats, or the
+    # merged batch partials (which the stats kernel took around the same pivot)
     if STATS == 0:
-        mean = _load_channel(run_mean_ptr, ch, C, 0.0, ACC, True)
+        pivot = _load_channel(run_mean_ptr, ch, C, 0.0, ACC, True)
+        mean_s = tl.zeros_like(pivot)
         var = _load_channel(run_var_ptr, ch, C, 1.0, ACC, True)
     else:
+        pivot = _pivot(x_ptr, pid_c, ch, C, stride_x_chan, ACC, CHANNELS_LAST)
         if STATS == 1:
-            mean = _merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
+            mean_s = _merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
             var = _merge_sums(part_b_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
         else:
-            mean, m2 = _merge_welford(count_ptr, part_a_ptr, part_b_ptr, ch, C, split,
-                                      CHANNELS_LAST, BLOCK_SPLIT)
+            mean_s, m2 = _merge_welford(count_ptr, part_a_ptr, part_b_ptr, ch, C, split,
+                                        CHANNELS_LAST, BLOCK_SPLIT)
             var = m2 / count
     rstd = _inv_std(var, eps)
 
     # one program per channel group records the batch statistics
     if STATS != 0:
         if pid_s == 0:
+            mean = pivot + mean_s
             tl.store(save_mean_ptr + ch, mean, mask=mask_c)
             tl.store(save_rstd_ptr + ch, rstd, mask=mask_c)
             if UPDATE_RUNNING:
@@ -186,11 +197,12 @@ def _bn_fwd_apply_kernel(
                 tl.store(run_mean_ptr + ch, run_mean + momentum * (mean - run_mean), mask=mask_c)
                 tl.store(run_var_ptr + ch, run_var + momentum * (unbiased - run_var), mask=mask_c)
 
-    # y = (x - mean) * (w * rstd) + b [+ residual], then the activation
+    # y = ((x - pivot) - shifted mean) * (w * rstd) + b [+ residual], then the activation
     w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
     b = _bcast(_load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS), CHANNELS_LAST)
     scale = _bcast(w * rstd, CHANNELS_LAST)
-    mean = _bcast(mean, CHANNELS_LAST)
+    pivot = _bcast(pivot, CHANNELS_LAST)
+    mean_s = _bcast(mean_s, CHANNELS_LAST)
     t_start = pid_s * tiles_per_prog
     t_end = tl.minimum(t_start + tiles_per_prog, tiles)
     for t in range(t_start, t_end):
@@ -198,7 +210,7 @@ def _bn_fwd_apply_kernel(
                                  CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
         x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
                     mask=mask, other=0.0).to(ACC)
-        y = (x - mean) * scale + b
+        y = (x - pivot - mean_s) * scale + b
         if HAS_RESIDUAL:
             y += tl.load(res_ptr + _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan),
                          mask=mask, other=0.0).to(ACC)

@@ -125,10 +125,11 @@ def test_train_other_ranks(shape, layout, stats, device):
 
 
 @pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("running", [True, False])
-def test_train_without_affine_or_running_stats(affine, running, stats, device):
-    x = make_input((3, 5, 9, 7), "nchw", torch.float32, device)
+def test_train_without_affine_or_running_stats(affine, running, layout, stats, device):
+    x = make_input((3, 5, 9, 7), layout, torch.float32, device)
     w, b, rm, rv = make_params(5, torch.float32, device)
     check_train_step(x, w if affine else None, b if affine else None,
                      rm if running else None, rv if running else None, stats)

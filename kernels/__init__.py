@@ -5,6 +5,7 @@ Public API:
                momentum=0.1, eps=1e-5, *, stats="single_pass", residual=None, activation=None)
     BatchNorm2d(num_features, ..., *, stats="single_pass", activation=None)
     convert_batchnorm(module, **kwargs)
+    fold_conv_bn(conv, bn), fold_batchnorm(model, inplace=False), BatchNormInference
 
 On CPU the kernels run through Triton's interpreter when TRITON_INTERPRET=1 is set
 before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.

@@ -1,11 +1,71 @@
-"""The `bnbench` command line (the harness itself is built by a later issue)."""
+"""The `bnbench` command line.
 
+Each command lives in ``bnbench/<name>.py``, named in ``COMMANDS``; the module exposes
+``add_parser(subparsers)``, which adds its subparser and calls
+``set_defaults(func=...)``: ``func(args)`` runs the command and returns the exit status.
+A command that measures nothing on a device (``plot``) also sets ``uses_device=False``.
+
+Before a command runs, and so before anything imports triton, ``main`` checks for a CUDA
+device.  Without one it sets ``TRITON_INTERPRET=1`` (the Triton kernels then run through
+Triton's interpreter, for their numerics only) and, for device commands, prints a banner:
+no speed comparison is possible without a GPU.
+
+Bad arguments exit with status 2 and one line on stderr, never a traceback.
+"""
+
+import argparse
+import importlib
+import os
 import sys
+
+COMMANDS = ["run", "plot"]
+
+BANNER = (
+    "bnbench: no CUDA GPU found. The Triton kernels run through Triton's interpreter "
+    "(TRITON_INTERPRET=1) for their numerical error only: their time columns stay empty and "
+    "no speed comparison is possible without a GPU. CPU baselines are timed on the CPU."
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser():
+    """The top-level parser, with one subparser per module in COMMANDS."""
+    parser = ArgumentParser(
+        prog="bnbench",
+        description="Triton BatchNorm2d kernels held against cuDNN, native PyTorch and "
+                    "torch.compile: speed and numerical error.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"bnbench.{name}").add_parser(subparsers)
+    return parser
+
+
+def prepare_device():
+    """Return "cuda" or "cpu"; without CUDA, turn Triton's interpreter on and print the banner.
+
+    Must run before triton is first imported: the interpreter is chosen at import time.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ["TRITON_INTERPRET"] = "1"
+    print(BANNER, flush=True)
+    return "cpu"
 
 
 def main(argv=None):
-    print("bnbench: the benchmark harness is not built yet; nothing was measured.", file=sys.stderr)
-    return 1
+    """Parse `argv` (default: sys.argv[1:]), run the command, return its exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "uses_device", True):
+        prepare_device()
+    return args.func(args)
 
 
 if __name__ == "__main__":

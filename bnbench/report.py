@@ -1,0 +1,155 @@
+"""The run's CSV (long format, one row per implementation x case, written row by row) and its summary.
+
+Columns, in order:
+
+* the run: ``timestamp`` (UTC, start of the run), ``git_commit``, ``device`` (GPU or
+  CPU name), ``device_type`` (cuda/cpu), ``torch_version``, ``triton_version``,
+  ``cuda_version``, ``cudnn_version``, ``triton_mode`` (compiled/interpreter), ``tf32``,
+  ``copy_gbps`` (the device's copy bandwidth, measured once per run);
+* the case: ``impl``, ``backend`` (what actually ran, see ``bnbench.backends``),
+  ``mode``, ``N``, ``C``, ``H``, ``W``, ``dtype``, ``layout``;
+* the outcome: ``status`` (ok/error/skipped) and ``error`` (the exception or reason);
+* speed: ``median_ms``, ``p20_ms``, ``p80_ms``, ``gbps`` (minimal bytes / median time,
+  see ``bnbench.cases``), ``frac_copy_bw`` (gbps / copy_gbps), ``peak_mem_mb`` (CUDA:
+  memory one call allocates beyond what was resident before it).  Empty for Triton
+  rows run by the interpreter, for failed rows, and peak memory on CPU;
+* error against the float64 reference: ``max_abs_err``, ``rel_l2_err`` (output y) and
+  the same for dx, dweight, dbias, running_mean, running_var (``bnbench.numerics``).
+"""
+
+import csv
+import math
+
+from .numerics import ERROR_COLUMNS
+
+RUN_COLUMNS = ("timestamp", "git_commit", "device", "device_type", "torch_version",
+               "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
+               "copy_gbps")
+CASE_COLUMNS = ("impl", "backend", "mode", "N", "C", "H", "W", "dtype", "layout")
+OUTCOME_COLUMNS = ("status", "error")
+SPEED_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "peak_mem_mb")
+COLUMNS = RUN_COLUMNS + CASE_COLUMNS + OUTCOME_COLUMNS + SPEED_COLUMNS + ERROR_COLUMNS
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+class CsvWriter:
+    """Writes rows as they come, flushed one by one, so an interrupted run keeps its rows."""
+
+    def __init__(self, path, run_fields):
+        self.path = path
+        self.run_fields = dict(run_fields)
+        self.rows = 0
+        self._file = open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer.writeheader()
+        self._file.flush()
+
+    def write(self, row):
+        """Write one row (the run's fields added); unknown columns raise ValueError."""
+        self._writer.writerow({k: _cell(v) for k, v in {**self.run_fields, **row}.items()})
+        self._file.flush()
+        self.rows += 1
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read(path):
+    """The CSV as a pandas DataFrame; ValueError if it lacks the columns of a bnbench run."""
+    import pandas as pd
+
+    df = pd.read_csv(path, keep_default_na=True)
+    missing = [c for c in CASE_COLUMNS + OUTCOME_COLUMNS + ("median_ms", "gbps", "max_abs_err",
+                                                            "rel_l2_err") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} is not a bnbench run CSV (missing columns: {', '.join(missing)})")
+    return df
+
+
+def worst_errors(df):
+    """Per row: the largest max_abs_err and rel_l2_err over the quantities compared."""
+    abs_cols = [c for c in ERROR_COLUMNS if c.endswith("max_abs_err") and c in df.columns]
+    rel_cols = [c for c in ERROR_COLUMNS if c.endswith("rel_l2_err") and c in df.columns]
+    return df[abs_cols].max(axis=1), df[rel_cols].max(axis=1)
+
+
+def speed_baseline(df):
+    """The rows speed-ups are taken against: cuDNN where cuDNN ran, else torch_native."""
+    timed = df[(df["status"] == "ok") & df["median_ms"].notna()]
+    cudnn = timed[(timed["impl"] == "cudnn") & (timed["backend"] == "cudnn")]
+    if len(cudnn):
+        return "cudnn", cudnn
+    return "torch_native", timed[timed["impl"] == "torch_native"]
+
+
+KEYS = ["mode", "N", "C", "H", "W", "dtype", "layout"]
+
+
+def with_speedup(df):
+    """`df` plus a `speedup` column (baseline median / row median, same case) and the baseline name."""
+    import pandas as pd
+
+    name, base = speed_baseline(df)
+    base = base[KEYS + ["median_ms"]].rename(columns={"median_ms": "_base_ms"})
+    out = df.merge(base, on=KEYS, how="left")
+    out["speedup"] = out["_base_ms"] / out["median_ms"]
+    out.loc[out["status"] != "ok", "speedup"] = pd.NA
+    return out.drop(columns="_base_ms"), name
+
+
+def summary(df):
+    """One line per (mode, dtype, layout, impl), over shapes and batch sizes.
+
+    Columns: backend(s) seen; rows ok / all; median GB/s and percentage of the
+    copy bandwidth; geometric-mean speed-up over the baseline (same cases); the
+    worst max_abs_err and rel_l2_err over every quantity compared.
+    """
+    import numpy as np
+    import pandas as pd
+
+    df = df.copy()
+    df["worst_abs_err"], df["worst_rel_l2_err"] = worst_errors(df)
+    df, base_name = with_speedup(df)
+    lines = []
+    for (mode, dtype, layout, impl), g in df.groupby(["mode", "dtype", "layout", "impl"],
+                                                      sort=False):
+        ok = g[g["status"] == "ok"]
+        speed = ok["speedup"].dropna()
+        lines.append({
+            "mode": mode, "dtype": dtype, "layout": layout, "impl": impl,
+            "backend": ",".join(sorted(set(ok["backend"].dropna().astype(str)))) or "-",
+            "ok": f"{len(ok)}/{len(g)}",
+            "GB/s": ok["gbps"].median(),
+            "%copy_bw": 100 * ok["frac_copy_bw"].median() if "frac_copy_bw" in ok else np.nan,
+            f"x_vs_{base_name}": float(np.exp(np.log(speed).mean())) if len(speed) else np.nan,
+            "worst_abs_err": ok["worst_abs_err"].max(),
+            "worst_rel_l2": ok["worst_rel_l2_err"].max(),
+        })
+    return pd.DataFrame(lines)
+
+
+def _number(spec):
+    def fmt(value):
+        return "-" if value is None or value != value else spec.format(value)
+    return fmt
+
+
+def format_summary(table):
+    """The summary as text: speeds and ratios to 3 significant digits, errors as %.1e."""
+    fmt = {c: _number("{:.3g}") for c in table.columns
+           if c in ("GB/s", "%copy_bw") or c.startswith("x_vs_")}
+    fmt.update({c: _number("{:.1e}") for c in ("worst_abs_err", "worst_rel_l2")})
+    return table.to_string(index=False, formatters=fmt, na_rep="-")

@@ -1,0 +1,196 @@
+"""`bnbench run`: the sweep; one CSV row per implementation x case, a summary table, the plots.
+
+Cases are mode x shape x batch size x dtype x layout (``bnbench.cases``); the
+implementations are in ``bnbench.impls``; each case is run by ``bnbench.runner``.
+The CSV goes to ``<out>/<name>.csv`` (default name ``run_<sweep>_<device>``, e.g.
+``run_quick_cpu``), written row by row; the PNGs (``bnbench.plot``) beside it.
+
+Presets (an option given on the command line wins over the preset):
+    full   (default on a GPU) shapes resnet50, batch sizes 1,8,32,128,256,
+           dtypes float32,float16,bfloat16, layouts nchw,nhwc, every mode
+    quick  (--quick, and the default without a GPU) shapes quick, batch sizes 2,8,
+           dtypes float32,bfloat16, layouts nchw,nhwc, every mode
+
+Without a GPU the Triton rows are checked through Triton's interpreter (numerics
+only, time columns empty) and the CPU baselines are timed on ``--cpu-threads``
+threads (1 by default).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cases import DTYPE_ALIASES, DTYPES, LAYOUTS, MODES
+from .shapes import SHAPE_SETS, parse_shapes
+
+PRESETS = {
+    "full": dict(shapes=("resnet50", SHAPE_SETS["resnet50"]), batch_sizes=(1, 8, 32, 128, 256),
+                 dtypes=DTYPES, layouts=LAYOUTS, modes=MODES),
+    "quick": dict(shapes=("quick", SHAPE_SETS["quick"]), batch_sizes=(2, 8),
+                  dtypes=("float32", "bfloat16"), layouts=LAYOUTS, modes=MODES),
+}
+
+
+def _choices(kind, allowed, aliases=None):
+    """argparse type: a comma-separated list of names from `allowed`, in the given order."""
+    aliases = aliases or {}
+
+    def convert(text):
+        names = [aliases.get(t.strip().lower(), t.strip().lower()) for t in text.split(",")
+                 if t.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind} {text!r} (choose from {', '.join(allowed)})")
+        return tuple(dict.fromkeys(names))
+    return convert
+
+
+def _batch_sizes(text):
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid batch sizes {text!r}: expected positive integers, e.g. 1,8,32")
+    return tuple(sorted(set(sizes)))
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_parser(subparsers):
+    from .impls import IMPLS
+
+    p = subparsers.add_parser(
+        "run", help="run the sweep: speed and numerical error of every implementation",
+        description="Measure the Triton BatchNorm kernels against cuDNN, native PyTorch and "
+                    "torch.compile: time, GB/s, peak memory and error against float64, over "
+                    "modes x shapes x batch sizes x dtypes x layouts. Without a GPU the Triton "
+                    "kernels run through Triton's interpreter for their numerics only.")
+    p.add_argument("--quick", action="store_true",
+                   help="a small sweep (a few minutes on a 2-core CPU); the default without a GPU")
+    p.add_argument("--shapes", type=parse_shapes, metavar="SHAPES",
+                   help=f"shape sets ({', '.join(SHAPE_SETS)}) and/or CxHxW, comma-separated, "
+                        "e.g. 64x56x56,256x14x14 (default: resnet50; quick with --quick)")
+    p.add_argument("--batch-sizes", type=_batch_sizes, metavar="N,N,...",
+                   help="batch sizes (default: 1,8,32,128,256; 2,8 with --quick); on a GPU, "
+                        "cases that would not fit in memory are skipped")
+    p.add_argument("--dtypes", type=_choices("dtypes", DTYPES, DTYPE_ALIASES),
+                   metavar="DTYPES",
+                   help=f"from {', '.join(DTYPES)} (default: all; float32,bfloat16 with --quick)")
+    p.add_argument("--layouts", type=_choices("layouts", LAYOUTS), metavar="LAYOUTS",
+                   help="nchw and/or nhwc (channels_last) (default: both)")
+    p.add_argument("--modes", type=_choices("modes", MODES), metavar="MODES",
+                   help=f"from {', '.join(MODES)} (default: all)")
+    p.add_argument("--impls", type=_choices("implementations", tuple(IMPLS)), metavar="IMPLS",
+                   help=f"from {', '.join(IMPLS)} (default: all that apply; cudnn only on a GPU)")
+    p.add_argument("--out", type=Path, default=Path("results"),
+                   help="output folder (default: results/)")
+    p.add_argument("--name", default=None,
+                   help="file name stem (default: run_<sweep>_<device>, e.g. run_quick_cpu)")
+    p.add_argument("--warmup-ms", type=_positive, default=25.0, help="warm-up time per row")
+    p.add_argument("--rep-ms", type=_positive, default=100.0, help="timed repetitions per row")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    p.add_argument("--cpu-threads", type=_positive_int, default=1,
+                   help="torch threads for the CPU baselines, without a GPU (default 1: the "
+                        "small CPU shapes gain nothing from more, and a thread waiting for a "
+                        "busy core would be timed)")
+    p.add_argument("--no-plots", action="store_true", help="write the CSV and table only")
+    p.add_argument("--fail-on-error", action="store_true",
+                   help="exit with status 1 if any row failed (for CI)")
+    p.set_defaults(func=run_command)
+
+
+def resolve(args, device):
+    """The sweep's settings: the preset, overridden by the options given; and its label."""
+    quick = args.quick or device != "cuda"
+    preset = PRESETS["quick" if quick else "full"]
+    settings = {key: getattr(args, key) or value for key, value in preset.items()}
+    label = "quick" if quick and args.shapes is None else settings["shapes"][0]
+    settings["shapes"] = settings["shapes"][1]
+    return settings, label
+
+
+def run_command(args):
+    """Run the sweep; return 0 (1 with --fail-on-error if a row failed, 130 if interrupted)."""
+    import torch
+    from tqdm import tqdm
+
+    import kernels
+
+    from . import environment, impls, report, runner, timing
+    from .cases import make_cases
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    interpreted = bool(kernels.INTERPRETED)
+    settings, label = resolve(args, device)
+    chosen = [impls.IMPLS[name] for name in (args.impls or impls.default_impls(device))]
+    cases = make_cases(settings["modes"], settings["shapes"], settings["batch_sizes"],
+                       settings["dtypes"], settings["layouts"])
+    total = sum(case.mode in impl.modes for case in cases for impl in chosen)
+
+    if device == "cpu":
+        torch.set_num_threads(args.cpu_threads)
+    tf32 = environment.pin_tf32()
+    run_fields = environment.collect(device, interpreted, tf32)
+    run_fields["copy_gbps"] = timing.copy_bandwidth(device)
+    opts = runner.Options(device=device, interpreted=interpreted, warmup_ms=args.warmup_ms,
+                          rep_ms=args.rep_ms, seed=args.seed, copy_gbps=run_fields["copy_gbps"])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"run_{label}_{environment.device_slug(device)}"
+    csv_path = args.out / f"{name}.csv"
+    print(f"bnbench run: {len(cases)} cases, {total} rows on {run_fields['device']} "
+          f"(Triton {run_fields['triton_mode']}, TF32 {tf32}, copy bandwidth "
+          f"{run_fields['copy_gbps']:.1f} GB/s) -> {csv_path}", flush=True)
+
+    with report.CsvWriter(csv_path, run_fields) as writer, \
+            tqdm(total=total, desc="bnbench run", unit="row", file=sys.stderr) as bar:
+        try:
+            for case in cases:
+                bar.set_postfix_str(case.describe(), refresh=False)
+                for row in runner.run_case(case, chosen, opts):
+                    writer.write(row)
+                    bar.update()
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\nbnbench run: interrupted; the {writer.rows} rows done are in {csv_path}",
+                  flush=True)
+            return 130
+
+    df = report.read(csv_path)
+    print()
+    print(report.format_summary(report.summary(df)))
+    failed = df[df["status"] == "error"]
+    skipped = df[df["status"] == "skipped"]
+    print(f"\n{len(df)} rows in {csv_path}: {len(df) - len(failed) - len(skipped)} ok, "
+          f"{len(failed)} failed, {len(skipped)} skipped (see the error column)")
+    not_cudnn = df[(df["impl"] == "cudnn") & (df["status"] == "ok") & (df["backend"] != "cudnn")]
+    if len(not_cudnn):
+        print(f"{len(not_cudnn)} cudnn rows did not run cuDNN (PyTorch routed them elsewhere; "
+              f"see the backend column): they are left out of the speed-ups over cuDNN")
+    if not args.no_plots:
+        from .plot import draw
+
+        for path in draw(csv_path):
+            print(f"wrote {path}")
+    return 1 if args.fail_on_error and len(failed) else 0

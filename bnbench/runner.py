@@ -1,0 +1,173 @@
+"""Runs one case for every implementation: numerics, backend, peak memory, time; one row each.
+
+For each case: inputs and the float64 reference once; then per implementation,
+inside its context (cuDNN on or off):
+
+1. build the function, and call it once on fresh running statistics: that call
+   compiles/autotunes whatever needs it, and its outputs are compared with the
+   reference (``numerics``);
+2. one more call under torch.profiler: the ``backend`` that ran, and on CUDA the
+   peak memory that call allocated beyond what was resident before it;
+3. the time (``timing``), unless the implementation is Triton run by the
+   interpreter: then the time columns stay empty.
+
+Any exception in a case or an implementation becomes that row's ``error``
+(status "error") and the sweep goes on; an implementation that cannot run
+there gives status "skipped" and the reason.  If only the float64 reference
+fails, the implementations still run: their rows have status "ok", no error
+figures, and ``error`` says why there is no reference.
+"""
+
+from dataclasses import dataclass
+
+from . import backends, numerics, timing
+from .cases import gbps
+
+# Triton rows are checked through the interpreter only up to this many elements.
+INTERPRETER_MAX_NUMEL = 1 << 18
+# Estimated bytes per element for a case on the GPU: x, dy, y, dx and grads in the
+# input dtype (element size E, up to 6 tensors), plus the float64 reference (x, dy,
+# y, dx and what autograd saves, up to 6 tensors of 8 bytes).
+FIT_BYTES_PER_ELEMENT = (6, 6 * 8)
+FLUSH_BYTES = 256 << 20  # do_bench's L2-flush buffer
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a sweep measures: device, timing budget, seed."""
+
+    device: str
+    interpreted: bool
+    warmup_ms: float = 25
+    rep_ms: float = 100
+    seed: int = 0
+    copy_gbps: float = None
+
+
+def one_line(exc):
+    """`exc` as "Type: first line of the message", at most 300 characters."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text[:300]
+
+
+def case_fields(case):
+    return dict(mode=case.mode, N=case.N, C=case.C, H=case.H, W=case.W, dtype=case.dtype,
+                layout=case.layout)
+
+
+def fits_on_gpu(case):
+    """None if the case should fit in the GPU's free memory, else why not."""
+    import torch
+
+    from .cases import ELEMENT_SIZE
+
+    per_element = FIT_BYTES_PER_ELEMENT[0] * ELEMENT_SIZE[case.dtype] + FIT_BYTES_PER_ELEMENT[1]
+    need = case.numel * per_element + FLUSH_BYTES
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    if need > 0.9 * free:
+        return f"does not fit in GPU memory: needs about {need / 2**30:.1f} GiB, " \
+               f"{free / 2**30:.1f} GiB free"
+    return None
+
+
+def make_step(fn, case, inputs):
+    """The timed call and the tensors whose grads are reset before each repetition.
+
+    Inputs are allocated here, outside the timed region; the step updates its own
+    copies of the running statistics.
+    """
+    running_mean, running_var = inputs.running_mean.clone(), inputs.running_var.clone()
+    m, e = numerics.MOMENTUM, numerics.EPS
+    if case.mode == "train_fwd_bwd":
+        x, w, b = (t.detach().requires_grad_() for t in (inputs.x, inputs.weight, inputs.bias))
+        dy = inputs.dy
+
+        def step():
+            fn(x, running_mean, running_var, w, b, True, m, e).backward(dy)
+        return step, [x, w, b]
+
+    x, w, b, training = inputs.x, inputs.weight, inputs.bias, case.training
+
+    def step():
+        fn(x, running_mean, running_var, w, b, training, m, e)
+    return step, None
+
+
+def run_impl(impl, case, inputs, ref, opts):
+    """One row: `impl` on `case` (the module docstring gives the steps).
+
+    `ref` is the float64 reference, or a string saying why there is none: the row
+    is then timed but has no error figures, and the string goes into ``error``.
+    """
+    import torch
+
+    cuda = opts.device == "cuda"
+    row = dict(impl=impl.name, status="ok")
+    reason = impl.unavailable(opts.device)
+    if reason is None and impl.family == "triton" and opts.interpreted \
+            and case.numel > INTERPRETER_MAX_NUMEL:
+        reason = (f"too large for Triton's interpreter ({case.numel} > {INTERPRETER_MAX_NUMEL} "
+                  f"elements); run on a GPU")
+    if reason is not None:
+        row.update(status="skipped", error=reason)
+        return row
+    try:
+        with impl.context():
+            fn = impl.build()
+            out = numerics.call(fn, case, inputs, inputs.running_mean.clone(),
+                                inputs.running_var.clone())
+            if isinstance(ref, str):
+                row["error"] = ref  # the error columns stay empty
+            else:
+                row.update(numerics.compare(out, ref, case.mode))
+            del out
+            step, grads = make_step(fn, case, inputs)
+            if cuda:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            ops, kernels = backends.observe(step, opts.device)
+            row["backend"] = backends.classify(ops, kernels, opts.device, opts.interpreted)
+            if cuda:
+                row["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            if impl.family == "triton" and opts.interpreted:
+                return row  # an interpreter time says nothing about a kernel
+            t = timing.bench(step, opts.device, opts.warmup_ms, opts.rep_ms, grads)
+            row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                       gbps=gbps(case, t.median_ms))
+            if opts.copy_gbps:
+                row["frac_copy_bw"] = row["gbps"] / opts.copy_gbps
+    except Exception as exc:  # any failure is recorded and the sweep goes on
+        row.update(status="error", error=one_line(exc))
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def run_case(case, impls, opts):
+    """Yield one row (a dict of CSV columns) per implementation of `impls` that runs `case.mode`."""
+    import torch
+
+    impls = [impl for impl in impls if case.mode in impl.modes]
+    fields = case_fields(case)
+    if opts.device == "cuda":
+        reason = fits_on_gpu(case)
+        if reason is not None:
+            for impl in impls:
+                yield dict(fields, impl=impl.name, status="skipped", error=reason)
+            return
+    try:
+        inputs = numerics.make_inputs(case, opts.device, opts.seed)
+    except Exception as exc:  # no inputs: every implementation's row says why
+        for impl in impls:
+            yield dict(fields, impl=impl.name, status="error", error=f"inputs: {one_line(exc)}")
+        if opts.device == "cuda":
+            torch.cuda.empty_cache()
+        return
+    try:
+        ref = numerics.reference(case, inputs)
+    except Exception as exc:  # the implementations still run (and may fail on their own)
+        ref = f"no float64 reference ({one_line(exc)})"
+    for impl in impls:
+        yield dict(fields, **run_impl(impl, case, inputs, ref, opts))

@@ -1,0 +1,217 @@
+"""`bnbench` as a user types it: a subprocess, started from a foreign working directory.
+
+Device-agnostic: on a GPU the Triton rows must carry times; without one they must
+not (the interpreter is never timed) and the banner must say so.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+BANNER_START = "bnbench: no CUDA GPU found"
+TIME_COLUMNS = ["median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw"]
+# The columns the issue asks for, and the run's provenance.
+REQUIRED_COLUMNS = ["device", "impl", "mode", "N", "C", "H", "W", "dtype", "layout", "median_ms",
+                    "gbps", "max_abs_err", "rel_l2_err", "p20_ms", "p80_ms", "backend",
+                    "peak_mem_mb", "torch_version", "triton_version", "cuda_version",
+                    "git_commit", "timestamp", "status", "error", "frac_copy_bw", "copy_gbps",
+                    "dx_max_abs_err", "dx_rel_l2_err", "dweight_rel_l2_err", "dbias_rel_l2_err",
+                    "running_mean_rel_l2_err", "running_var_rel_l2_err"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # bnbench must set it up itself
+    return env
+
+
+def bnbench(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bnbench.cli", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands(tmp_path):
+    out = bnbench("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "run" in out.stdout and "plot" in out.stdout
+
+
+@pytest.mark.parametrize("args, what", [
+    (["run", "--batch-sizes", "abc"], "abc"),
+    (["run", "--batch-sizes", "8,0"], "8,0"),
+    (["run", "--dtypes", "float7"], "float7"),
+    (["run", "--layouts", "nchw,nwhc"], "nwhc"),
+    (["run", "--modes", "inference"], "inference"),
+    (["run", "--impls", "cudnn9"], "cudnn9"),
+    (["run", "--shapes", "64x56"], "64x56"),
+    (["run", "--warmup-ms", "-1"], "-1"),
+    (["run", "--cpu-threads", "0"], "0"),
+    (["frobnicate"], "frobnicate"),
+    ([], "COMMAND"),
+    (["plot", "no_such.csv"], "no_such.csv"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, args, what):
+    out = bnbench(*args, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("bnbench") and "error" in lines[0] and what in lines[0]
+
+
+# One small sweep shared by the tests below: every implementation that runs without cuDNN
+# (and cudnn on a GPU), every mode, two batch sizes, both layouts, one odd shape.
+SWEEP_IMPLS = ["triton_two_pass", "triton_single_pass", "triton_eval", "torch_native",
+               "torch_compile"] + (["cudnn"] if CUDA else [])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cwd")
+    out = bnbench("run", "--shapes", "6x5x3", "--batch-sizes", "2,3", "--dtypes", "bfloat16",
+                  "--impls", ",".join(SWEEP_IMPLS), "--rep-ms", "5", "--warmup-ms", "1",
+                  "--out", "res", cwd=cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    csvs = list((cwd / "res").glob("*.csv"))
+    assert len(csvs) == 1
+    return out, csvs[0], pd.read_csv(csvs[0])
+
+
+def test_run_writes_one_row_per_impl_and_case(sweep):
+    out, path, df = sweep
+    for column in REQUIRED_COLUMNS:
+        assert column in df.columns, column
+    n_impls = {"train_fwd": len(SWEEP_IMPLS) - 1, "train_fwd_bwd": len(SWEEP_IMPLS) - 1,
+               "eval": len(SWEEP_IMPLS) - 2}  # triton_eval runs eval only; the others training
+    assert len(df) == 2 * 2 * sum(n_impls.values())  # 2 batch sizes x 2 layouts
+    assert not df.duplicated(["impl", "mode", "N", "layout"]).any()
+    assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["impl", "mode", "error"]]
+    assert set(df["layout"]) == {"nchw", "nhwc"} and set(df["N"]) == {2, 3}
+    assert (df[["C", "H", "W"]] == [6, 5, 3]).all().all()
+    for column in ["device", "torch_version", "triton_version", "git_commit", "timestamp"]:
+        assert df[column].notna().all() and df[column].nunique() == 1, column
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", df["git_commit"][0])
+    assert ("cpu" in path.name) == (not CUDA)
+
+
+def test_triton_rows_times_only_on_a_gpu(sweep):
+    out, path, df = sweep
+    triton = df[df["impl"].str.startswith("triton")]
+    baselines = df[~df["impl"].str.startswith("triton")]
+    if CUDA:
+        assert BANNER_START not in out.stdout
+        assert (triton["median_ms"] > 0).all() and (triton["peak_mem_mb"] > 0).all()
+        assert set(triton["backend"]) == {"triton"}
+        assert (df["triton_mode"] == "compiled").all()
+    else:
+        assert out.stdout.startswith(BANNER_START)
+        assert "no speed comparison is possible without a GPU" in out.stdout
+        assert triton[TIME_COLUMNS + ["peak_mem_mb"]].isna().all().all()
+        assert set(triton["backend"]) == {"triton_interpreter"}
+        assert (df["triton_mode"] == "interpreter").all()
+    # baselines are timed everywhere, and GB/s follows the minimal-bytes formula
+    assert (baselines["p20_ms"] <= baselines["median_ms"]).all()
+    assert (baselines["median_ms"] <= baselines["p80_ms"]).all()
+    factor = baselines["mode"].map({"eval": 2, "train_fwd": 2, "train_fwd_bwd": 5})
+    nbytes = factor * baselines["N"] * 6 * 5 * 3 * 2  # bfloat16: 2 bytes
+    assert (baselines["gbps"] - nbytes / baselines["median_ms"] / 1e6).abs().max() \
+        <= 1e-5 * baselines["gbps"].max()
+
+
+def test_error_columns_are_real_figures(sweep):
+    out, path, df = sweep
+    y_cols = ["max_abs_err", "rel_l2_err"]
+    grad_cols = [f"{q}_{e}" for q in ("dx", "dweight", "dbias") for e in y_cols]
+    stat_cols = [f"{q}_{e}" for q in ("running_mean", "running_var") for e in y_cols]
+    # bfloat16 keeps 8 bits: errors are small but never zero against float64
+    assert (df["rel_l2_err"] > 0).all() and (df["rel_l2_err"] < 2e-2).all()
+    bwd = df[df["mode"] == "train_fwd_bwd"]
+    assert bwd[grad_cols + stat_cols].notna().all().all()
+    assert (bwd[[c for c in grad_cols if c.endswith("rel_l2_err")]] < 5e-2).all().all()
+    fwd = df[df["mode"] == "train_fwd"]
+    assert fwd[stat_cols].notna().all().all() and fwd[grad_cols].isna().all().all()
+    assert df[df["mode"] == "eval"][grad_cols + stat_cols].isna().all().all()
+
+
+def test_backend_column_says_what_ran(sweep):
+    out, path, df = sweep
+    backend = df.groupby("impl")["backend"].unique().map(lambda b: ",".join(sorted(b)))
+    assert backend["torch_native"] == ("aten_native" if CUDA else "aten_cpu")
+    assert backend["torch_compile"] == ("inductor_triton" if CUDA else "inductor_cpp")
+    if CUDA:  # bfloat16: PyTorch may route cudnn rows elsewhere; never "cudnn" without cuDNN
+        assert set(df[df["impl"] == "cudnn"]["backend"]) <= {"cudnn", "aten_native",
+                                                            "cudnn+aten_native"}
+
+
+def test_summary_table_and_plots(sweep):
+    out, path, df = sweep
+    assert "worst_rel_l2" in out.stdout
+    for impl in SWEEP_IMPLS:
+        assert impl in out.stdout
+    pngs = [path.with_name(f"{path.stem}_{kind}.png") for kind in ("throughput", "speedup",
+                                                                  "error")]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png.unlink()
+    # `bnbench plot` redraws them from the CSV alone, from any working directory
+    redraw = bnbench("plot", str(path), cwd=path.parent.parent.parent)
+    assert redraw.returncode == 0, redraw.stderr
+    assert BANNER_START not in redraw.stdout
+    for png in pngs:
+        assert png.stat().st_size > 10_000
+
+
+def test_failing_case_is_recorded_and_the_sweep_goes_on(tmp_path):
+    # N=1 of a 1x1 image is one value per channel: training must refuse it (ValueError)
+    out = bnbench("run", "--shapes", "3x1x1", "--batch-sizes", "1,2", "--modes", "train_fwd",
+                  "--dtypes", "float32", "--layouts", "nchw",
+                  "--impls", "triton_single_pass,torch_native", "--no-plots",
+                  "--rep-ms", "5", "--warmup-ms", "1", "--name", "fails", "--out", ".",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    df = pd.read_csv(tmp_path / "fails.csv").set_index(["impl", "N"])
+    for impl in ["triton_single_pass", "torch_native"]:
+        assert df.loc[(impl, 1), "status"] == "error"
+        assert df.loc[(impl, 1), "error"].startswith("ValueError: Expected more than 1 value")
+        assert df.loc[(impl, 2), "status"] == "ok"
+        assert df.loc[(impl, 2), "rel_l2_err"] < 1e-5
+    assert "2 failed" in out.stdout
+    fail = bnbench("run", "--shapes", "3x1x1", "--batch-sizes", "1", "--modes", "train_fwd",
+                   "--dtypes", "float32", "--layouts", "nchw", "--impls", "torch_native",
+                   "--no-plots", "--fail-on-error", "--out", ".", cwd=tmp_path)
+    assert fail.returncode == 1
+
+
+def test_interrupted_run_keeps_its_rows(tmp_path):
+    sizes = ",".join(str(n) for n in range(2, 200))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnbench.cli", "run", "--shapes", "4x3x3", "--batch-sizes", sizes,
+         "--modes", "eval", "--dtypes", "float32", "--layouts", "nchw",
+         "--impls", "triton_eval,torch_native", "--rep-ms", "20", "--warmup-ms", "1",
+         "--name", "interrupted", "--out", "."],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = tmp_path / "interrupted.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= 4:  # header + 3 rows
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    df = pd.read_csv(path)
+    assert 3 <= len(df) < 2 * 198
+    assert (df["status"] == "ok").all() and df["rel_l2_err"].notna().all()
+    assert path.read_text().endswith("\n")  # no half-written row

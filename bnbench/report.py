@@ -1,4 +1,4 @@
-"""The run's CSV (long format, one row per implementation x case, written row by row) and its summary.
+"""The run's CSV (long format: one row per implementation x case, written row by row), its summary.
 
 Columns, in order:
 
@@ -99,7 +99,7 @@ KEYS = ["mode", "N", "C", "H", "W", "dtype", "layout"]
 
 
 def with_speedup(df):
-    """`df` plus a `speedup` column (baseline median / row median, same case) and the baseline name."""
+    """`df` plus `speedup` (baseline median / row median, same case); and the baseline's name."""
     import pandas as pd
 
     name, base = speed_baseline(df)

@@ -64,10 +64,11 @@ def fits_on_gpu(case):
 
     per_element = FIT_BYTES_PER_ELEMENT[0] * ELEMENT_SIZE[case.dtype] + FIT_BYTES_PER_ELEMENT[1]
     need = case.numel * per_element + FLUSH_BYTES
-    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    free = torch.cuda.mem_get_info()[0] + cached
     if need > 0.9 * free:
-        return f"does not fit in GPU memory: needs about {need / 2**30:.1f} GiB, " \
-               f"{free / 2**30:.1f} GiB free"
+        return (f"does not fit in GPU memory: needs about {need / 2**30:.1f} GiB, "
+                f"{free / 2**30:.1f} GiB free")
     return None
 
 

@@ -93,9 +93,11 @@ def _tensor(shape, dtype, channels_last=False):
 def scenarios():
     """(name, thunk) pairs whose launches cover every kernel variant the ops can launch.
 
-    Every dtype pattern and layout with the plain flags, on an aligned shape
-    (16-byte vectors possible) and an unaligned one (7x7); every flag on its
-    own and all together on the aligned fp32 shape, for both layouts.
+    Both layouts; the general path on an aligned shape (16-byte vectors possible)
+    with every dtype pattern, the single-launch path on an aligned shape with fp32,
+    fp64 and fp16/bf16 input with fp32 parameters, both paths on an unaligned 7x7
+    shape (fp32, bf16 with fp32 parameters); each fusion and option flag on the
+    aligned fp32 shapes of both paths.
     """
     from .backward import bn_backward
     from .forward import bn_forward_eval, bn_forward_train
@@ -133,12 +135,17 @@ def scenarios():
                     relu=relu, has_residual=residual, need_dx=need[0], need_dweight=need[1],
                     need_dbias=need[2], need_dresidual=need[3])
 
-    aligned, unaligned = (32, 64, 56, 56), (8, 256, 7, 7)
-    dtypes = [(torch.float32, torch.float32), (torch.float16, torch.float16),
-              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-              (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+    # general path (aligned: 16-byte vectors possible; unaligned 7x7) and single-launch path
+    general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
+    fused, fused_7x7 = (16, 128, 8, 8), (8, 256, 7, 7)
+    all_dtypes = [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                  (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                  (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+    mixed_dtypes = [all_dtypes[0], all_dtypes[3], all_dtypes[4], all_dtypes[5]]
     out = []
-    for shape in (aligned, unaligned):
+    for shape, dtypes in ((general, all_dtypes), (fused, mixed_dtypes),
+                          (general_7x7, all_dtypes[:1] + all_dtypes[4:5]),
+                          (fused_7x7, all_dtypes[:1] + all_dtypes[4:5])):
         for cl in (False, True):
             for dtype, pdtype in dtypes:
                 tag = f"{tuple(shape)} {'nhwc' if cl else 'nchw'} {dtype}/{pdtype}"
@@ -149,29 +156,30 @@ def scenarios():
                 out.append((f"backward {tag}",
                             lambda a=(shape, dtype, pdtype, cl): backward(*a)))
     f32 = torch.float32
-    for cl in (False, True):
-        tag = f"{aligned} {'nhwc' if cl else 'nchw'} fp32"
-        flags = {
-            "no affine": dict(affine=False), "no running stats": dict(running=False),
-            "cumulative": dict(cumulative=True), "relu": dict(relu=True),
-            "residual": dict(residual=True), "residual+relu": dict(residual=True, relu=True),
-        }
-        for name, kw in flags.items():
-            out.append((f"train single_pass {name} {tag}",
-                        lambda kw=kw, cl=cl: train(aligned, f32, f32, cl, "single_pass", **kw)))
+    train_flags = {
+        "no affine": dict(affine=False), "no running stats": dict(running=False),
+        "cumulative": dict(cumulative=True), "relu": dict(relu=True),
+        "residual": dict(residual=True), "residual+relu": dict(residual=True, relu=True),
+    }
+    bwd_flags = {
+        "eval stats": dict(training=False), "no affine": dict(affine=False),
+        "relu": dict(relu=True), "residual+relu": dict(residual=True, relu=True),
+        "residual": dict(residual=True), "no dx": dict(need=(False, True, True, False)),
+        "eval dx only": dict(training=False, need=(True, False, False, False)),
+    }
+    for shape in (general, fused):
+        for cl in (False, True):
+            tag = f"{shape} {'nhwc' if cl else 'nchw'} fp32"
+            for name, kw in train_flags.items():
+                out.append((f"train single_pass {name} {tag}", lambda kw=kw, cl=cl, shape=shape:
+                            train(shape, f32, f32, cl, "single_pass", **kw)))
+            for name, kw in bwd_flags.items():
+                out.append((f"backward {name} {tag}", lambda kw=kw, cl=cl, shape=shape:
+                            backward(shape, f32, f32, cl, **kw)))
         for name, kw in (("no affine", dict(affine=False)), ("relu", dict(relu=True)),
                          ("residual+relu", dict(residual=True, relu=True))):
-            out.append((f"eval {name} {tag}",
-                        lambda kw=kw, cl=cl: evaluate(aligned, f32, f32, cl, **kw)))
-        bwd_flags = {
-            "eval stats": dict(training=False), "no affine": dict(affine=False),
-            "relu": dict(relu=True), "residual+relu": dict(residual=True, relu=True),
-            "residual": dict(residual=True), "no dx": dict(need=(False, True, True, False)),
-            "eval dx only": dict(training=False, need=(True, False, False, False)),
-        }
-        for name, kw in bwd_flags.items():
-            out.append((f"backward {name} {tag}",
-                        lambda kw=kw, cl=cl: backward(aligned, f32, f32, cl, **kw)))
+            out.append((f"eval {name} {shape} nchw fp32",
+                        lambda kw=kw, shape=shape: evaluate(shape, f32, f32, False, **kw)))
     return out
 
 

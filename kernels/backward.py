@@ -15,7 +15,11 @@ Where the forward fused a ReLU, its pre-activation sign is recomputed from x
 (z = x_hat * w + b) when there is no residual, and read from the saved output
 y when there is (y > 0 exactly where z > 0, as torch's threshold_backward).
 
-Launches: (1) per-split partial sums of g and g * x_hat, one read of x and
+Single-launch path: when a channel group's whole plane fits in one tile
+(kernels._layout), one launch reads x and dy once, reduces in registers and
+writes dx (and dweight, dbias).
+
+General path, launches: (1) per-split partial sums of g and g * x_hat, one read of x and
 dy; (2) every program merges its channels' partials in a fixed order
 (deterministic, no atomics), split 0 writes dweight and dbias, and all
 programs write dx in a second read of x and dy.  Accumulation in fp32 (fp64
@@ -142,6 +146,9 @@ def _bn_bwd_dx_kernel(
     if TRAINING:
         mean_g = _bcast(sum_g / count, CHANNELS_LAST)
         mean_gx = _bcast(sum_gx / count, CHANNELS_LAST)
+    else:
+        mean_g = 0.0
+        mean_gx = 0.0
 
     if WRITE_DX or WRITE_DRES:
         scale = _bcast(w * rstd, CHANNELS_LAST)
@@ -166,12 +173,73 @@ def _bn_bwd_dx_kernel(
                 tl.store(dres_ptr + _offsets(rows, cols, pid_c, stride_dr_row, stride_dr_chan),
                          g.to(dres_ptr.dtype.element_ty), mask=mask)
             if WRITE_DX:
-                if TRAINING:
-                    dx = (g - mean_g - x_hat * mean_gx) * scale
-                else:
-                    dx = g * scale
                 tl.store(dx_ptr + _offsets(rows, cols, pid_c, stride_dx_row, stride_dx_chan),
-                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                         _dx(g, x_hat, scale, mean_g, mean_gx, TRAINING).to(
+                             dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dx(g, x_hat, scale, mean_g, mean_gx, TRAINING: tl.constexpr):
+    """dx = w * rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with batch statistics,
+    w * rstd * g with fixed ones (mean_g and mean_gx are then unused)."""
+    if TRAINING:
+        return (g - mean_g - x_hat * mean_gx) * scale
+    else:
+        return g * scale
+
+
+@triton.jit
+def _bn_bwd_fused_kernel(
+    x_ptr, dy_ptr, y_ptr, dx_ptr, dres_ptr,  # as in _bn_bwd_dx_kernel
+    w_ptr, b_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr,  # as in _bn_bwd_dx_kernel
+    C, n_rows, n_cols, count,  # the whole plane of a channel group is one tile
+    stride_x_row, stride_x_chan, stride_dy_row, stride_dy_chan, stride_y_row, stride_y_chan,
+    stride_dx_row, stride_dx_chan, stride_dr_row, stride_dr_chan,
+    TRAINING: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    WRITE_DRES: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_ROW: tl.constexpr,
+    BLOCK_COL: tl.constexpr,
+):
+    """Backward in one launch: x and dy of the program's channels fit one tile, read once."""
+    pid_c = tl.program_id(0)
+    ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
+    mean = _load_channel(mean_ptr, ch, C, 0.0, ACC, True)
+    rstd = _load_channel(rstd_ptr, ch, C, 0.0, ACC, True)
+    w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
+    b = _load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS)
+    rows, cols, mask = _tile(0, pid_c, n_rows, n_cols, 1, CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+    x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
+                mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + _offsets(rows, cols, pid_c, stride_dy_row, stride_dy_chan),
+                 mask=mask, other=0.0).to(ACC)
+    x_hat = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(rstd, CHANNELS_LAST)
+    g = _grad_through_relu(dy, x_hat, y_ptr,
+                           _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan), mask,
+                           _bcast(w, CHANNELS_LAST), _bcast(b, CHANNELS_LAST), RELU, HAS_RESIDUAL)
+    # masked elements have dy = 0, so they add nothing
+    sum_g = _per_channel(g, CHANNELS_LAST)
+    sum_gx = _per_channel(g * x_hat, CHANNELS_LAST)
+    if WRITE_DW:
+        tl.store(dw_ptr + ch, sum_gx, mask=ch < C)
+    if WRITE_DB:
+        tl.store(db_ptr + ch, sum_g, mask=ch < C)
+    if WRITE_DRES:
+        tl.store(dres_ptr + _offsets(rows, cols, pid_c, stride_dr_row, stride_dr_chan),
+                 g.to(dres_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        dx = _dx(g, x_hat, _bcast(w * rstd, CHANNELS_LAST), _bcast(sum_g / count, CHANNELS_LAST),
+                 _bcast(sum_gx / count, CHANNELS_LAST), TRAINING)
+        tl.store(dx_ptr + _offsets(rows, cols, pid_c, stride_dx_row, stride_dx_chan),
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has_residual=False,
@@ -212,6 +280,18 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
                   HAS_RESIDUAL=has_residual, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
                   BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, num_warps=p.num_warps)
     y_strides = strides(y, channels_last) if y is not None else (0, 0)
+    write_dx, write_dres = dx is not None, dres is not None
+    out_strides = (*(strides(dx, channels_last) if write_dx else (0, 0)),
+                   *(strides(dres, channels_last) if write_dres else (0, 0)))
+    if p.fused:  # the single-launch path: x and dy read once
+        _bn_bwd_fused_kernel[p.grid](
+            x, dy, y, dx, dres, weight, bias, mean, rstd, dw, db,
+            C, p.n_rows, p.n_cols, float(p.count),
+            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *out_strides,
+            TRAINING=training, WRITE_DX=write_dx, WRITE_DRES=write_dres,
+            WRITE_DW=need_dweight, WRITE_DB=need_dbias, **common,
+        )
+        return dx, dw, db, dres
     if need_sums:
         part_g = torch.empty((p.split, C), dtype=acc, device=x.device)
         part_gx = torch.empty((p.split, C), dtype=acc, device=x.device)
@@ -221,7 +301,6 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
             *strides(x, channels_last), *strides(dy, channels_last), *y_strides,
             **common,
         )
-    write_dx, write_dres = dx is not None, dres is not None
     # without dx or the residual's grad, only split 0 (which writes dweight/dbias) is needed
     grid = p.grid if (write_dx or write_dres) else (p.groups, 1)
     if need_sums or write_dx or write_dres:
@@ -229,9 +308,7 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
             x, dy, y, dx, dres, weight, bias, mean, rstd, part_g, part_gx, dw, db,
             C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
             float(p.count),
-            *strides(x, channels_last), *strides(dy, channels_last), *y_strides,
-            *(strides(dx, channels_last) if write_dx else (0, 0)),
-            *(strides(dres, channels_last) if write_dres else (0, 0)),
+            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *out_strides,
             TRAINING=training, NEED_SUMS=need_sums, WRITE_DX=write_dx, WRITE_DRES=write_dres,
             WRITE_DW=need_dweight, WRITE_DB=need_dbias, BLOCK_SPLIT=p.BLOCK_SPLIT, **common,
         )

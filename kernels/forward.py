@@ -23,6 +23,11 @@ merge as they are):
   2 launches, x read twice, y written once.  Never sum(x^2) - sum(x)^2 / M,
   which cancels catastrophically (mean 1e4, std 1 gives negative variances).
 
+Single-launch path: when a channel group's whole plane fits in one tile
+(kernels._layout), one launch reads x once into registers, computes the
+statistics there (single_pass: exact summaries of row blocks merged with Chan's formula;
+two_pass: mean, then centred sum of squares) and writes y.
+
 Eval (or frozen statistics): one launch, x read once, y written once, with
 mean and var taken from the running statistics.
 
@@ -163,7 +168,6 @@ def _bn_fwd_apply_kernel(
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
-    mask_c = ch < C
 
     # per-channel mean (as pivot + shifted mean) and variance: running stats, or the
     # merged batch partials (which the stats kernel took around the same pivot)
@@ -185,17 +189,9 @@ def _bn_fwd_apply_kernel(
     # one program per channel group records the batch statistics
     if STATS != 0:
         if pid_s == 0:
-            mean = pivot + mean_s
-            tl.store(save_mean_ptr + ch, mean, mask=mask_c)
-            tl.store(save_rstd_ptr + ch, rstd, mask=mask_c)
-            if UPDATE_RUNNING:
-                run_mean = tl.load(run_mean_ptr + ch, mask=mask_c, other=0.0).to(ACC)
-                run_var = tl.load(run_var_ptr + ch, mask=mask_c, other=0.0).to(ACC)
-                unbiased = var * (count / (count - 1.0))
-                if CUMULATIVE:
-                    momentum = 1.0 / tl.load(nbt_ptr).to(ACC)
-                tl.store(run_mean_ptr + ch, run_mean + momentum * (mean - run_mean), mask=mask_c)
-                tl.store(run_var_ptr + ch, run_var + momentum * (unbiased - run_var), mask=mask_c)
+            _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
+                          pivot + mean_s, var, rstd, count, momentum, UPDATE_RUNNING, CUMULATIVE,
+                          ACC)
 
     # y = ((x - pivot) - shifted mean) * (w * rstd) + b [+ residual], then the activation
     w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
@@ -210,14 +206,115 @@ def _bn_fwd_apply_kernel(
                                  CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
         x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
                     mask=mask, other=0.0).to(ACC)
-        y = (x - pivot - mean_s) * scale + b
-        if HAS_RESIDUAL:
-            y += tl.load(res_ptr + _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan),
-                         mask=mask, other=0.0).to(ACC)
-        if RELU:
-            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
+        y = _normalize(x - pivot - mean_s, scale, b, res_ptr,
+                       _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan), mask,
+                       HAS_RESIDUAL, RELU, ACC)
         tl.store(y_ptr + _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
                  y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_fwd_fused_kernel(
+    x_ptr, y_ptr, res_ptr, w_ptr, b_ptr,  # as in _bn_fwd_apply_kernel
+    run_mean_ptr, run_var_ptr, nbt_ptr, save_mean_ptr, save_rstd_ptr,  # as in _bn_fwd_apply_kernel
+    C, n_rows, n_cols,  # plane geometry: the whole plane is one [BLOCK_ROW, BLOCK_COL] tile
+    count, momentum, eps,
+    stride_x_row, stride_x_chan, stride_y_row, stride_y_chan, stride_r_row, stride_r_chan,
+    WELFORD: tl.constexpr,  # single_pass: Welford/Chan merges; else two passes over registers
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_ROW: tl.constexpr,
+    BLOCK_COL: tl.constexpr,
+):
+    """Training forward in one launch: the program's channels fit one tile, read once."""
+    pid_c = tl.program_id(0)
+    ch = _channels(pid_c, pid_c * BLOCK_COL + tl.arange(0, BLOCK_COL), CHANNELS_LAST)
+    rows, cols, mask = _tile(0, pid_c, n_rows, n_cols, 1, CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+    x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
+                mask=mask, other=0.0).to(ACC)
+    pivot = _pivot(x_ptr, pid_c, ch, C, stride_x_chan, ACC, CHANNELS_LAST)
+    xs = tl.where(mask, x - _bcast(pivot, CHANNELS_LAST), 0.0)
+
+    # statistics from registers: exact block summaries Chan-merged (single_pass), or the
+    # mean then the centred sum of squares (two_pass)
+    if WELFORD:
+        mean_s, m2 = _blocks_chan_merged(xs, mask, ACC, CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
+    else:
+        mean_s = _per_channel(xs, CHANNELS_LAST) / count
+        d = tl.where(mask, xs - _bcast(mean_s, CHANNELS_LAST), 0.0)
+        m2 = _per_channel(d * d, CHANNELS_LAST)
+    var = m2 / count
+    rstd = _inv_std(var, eps)
+    _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
+                  pivot + mean_s, var, rstd, count, momentum, UPDATE_RUNNING, CUMULATIVE, ACC)
+
+    w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
+    b = _bcast(_load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS), CHANNELS_LAST)
+    y = _normalize(xs - _bcast(mean_s, CHANNELS_LAST), _bcast(w * rstd, CHANNELS_LAST), b,
+                   res_ptr, _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan), mask,
+                   HAS_RESIDUAL, RELU, ACC)
+    tl.store(y_ptr + _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _blocks_chan_merged(xs, mask, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                        BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """Per-channel (mean, M2) of a tile: exact (count, mean, M2) of row blocks, Chan-merged.
+
+    NCHW: each row (one n) is a block; NHWC: the rows fall into NB blocks per channel.
+    """
+    if CHANNELS_LAST:
+        NB: tl.constexpr = 16 if BLOCK_ROW > 16 else BLOCK_ROW
+        xb = tl.reshape(xs, (NB, BLOCK_ROW // NB, BLOCK_COL))
+        mb = tl.reshape(mask.to(ACC), (NB, BLOCK_ROW // NB, BLOCK_COL))
+        n = tl.sum(mb, 1)
+        mean = tl.sum(xb, 1) / tl.maximum(n, 1.0)
+        d = tl.where(mb > 0, xb - mean[:, None, :], 0.0)
+    else:
+        mb = mask.to(ACC)
+        n = tl.sum(mb, 1)
+        mean = tl.sum(xs, 1) / tl.maximum(n, 1.0)
+        d = tl.where(mask, xs - mean[:, None], 0.0)
+    m2 = tl.sum(d * d, 1)
+    mean, m2, n = tl.reduce((mean, m2, n), 0, _chan_combine)
+    return mean, m2
+
+
+@triton.jit
+def _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
+                  mean, var, rstd, count, momentum, UPDATE_RUNNING: tl.constexpr,
+                  CUMULATIVE: tl.constexpr, ACC: tl.constexpr):
+    """Save mean and rstd for backward; update the running stats (unbiased variance)."""
+    mask_c = ch < C
+    tl.store(save_mean_ptr + ch, mean, mask=mask_c)
+    tl.store(save_rstd_ptr + ch, rstd, mask=mask_c)
+    if UPDATE_RUNNING:
+        run_mean = tl.load(run_mean_ptr + ch, mask=mask_c, other=0.0).to(ACC)
+        run_var = tl.load(run_var_ptr + ch, mask=mask_c, other=0.0).to(ACC)
+        unbiased = var * (count / (count - 1.0))
+        if CUMULATIVE:
+            momentum = 1.0 / tl.load(nbt_ptr).to(ACC)
+        tl.store(run_mean_ptr + ch, run_mean + momentum * (mean - run_mean), mask=mask_c)
+        tl.store(run_var_ptr + ch, run_var + momentum * (unbiased - run_var), mask=mask_c)
+
+
+@triton.jit
+def _normalize(x_centred, scale, b, res_ptr, offs_r, mask, HAS_RESIDUAL: tl.constexpr,
+               RELU: tl.constexpr, ACC: tl.constexpr):
+    """act(x_centred * scale + b [+ residual]) for one tile."""
+    y = x_centred * scale + b
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offs_r, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
+    return y
 
 
 def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var, saved,
@@ -252,7 +349,8 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         running_mean, running_var: (C,) tensors updated in place, or None.
         momentum: running-stats factor.
         eps: added to the variance.
-        stats: "single_pass" (Welford/Chan, x read twice) or "two_pass" (x read 3 times).
+        stats: "single_pass" (Welford/Chan, x read twice) or "two_pass" (x read 3 times);
+            on the single-launch path (kernels._layout), both read x once.
         residual: tensor of x's shape added before the activation, or None.
         relu: apply ReLU after the affine step (and residual).
         num_batches_tracked: for momentum=None, the batch counter (already
@@ -273,6 +371,19 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     x, channels_last = choose_layout(x)
     residual = to_layout(residual, channels_last) if residual is not None else None
     p = plan(x, channels_last)
+    res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
+    if p.fused:  # the single-launch path: x read once
+        _bn_fwd_fused_kernel[p.grid](
+            x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,
+            save_mean, save_rstd, C, p.n_rows, p.n_cols, float(p.count), float(momentum),
+            float(eps), *strides(x, channels_last), *strides(y, channels_last), *res_strides,
+            WELFORD=stats == "single_pass", UPDATE_RUNNING=running_mean is not None,
+            CUMULATIVE=num_batches_tracked is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+            ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
+            BLOCK_COL=p.BLOCK_COL, num_warps=p.num_warps,
+        )
+        return y, save_mean, save_rstd
     part_shape = (p.split, C)
     part_a = torch.empty(part_shape, dtype=acc, device=x.device)
     part_b = torch.empty(part_shape, dtype=acc, device=x.device)

@@ -30,3 +30,36 @@ def _seed_and_poison():
 @pytest.fixture
 def device():
     return DEVICE
+
+
+class _CountingKernel:
+    """Wraps a Triton kernel to count its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture(params=["general", "single_launch"])
+def path(request, monkeypatch):
+    """Run a training test on the general (multi-launch) path and on the single-launch path,
+    and check that the requested path is the one that ran."""
+    import kernels._layout
+    import kernels.backward
+    import kernels.forward
+
+    if request.param == "general":
+        monkeypatch.setattr(kernels._layout, "FUSED_MAX_ELEMS", 0)
+    fused = [_CountingKernel(kernels.forward._bn_fwd_fused_kernel),
+             _CountingKernel(kernels.backward._bn_bwd_fused_kernel)]
+    monkeypatch.setattr(kernels.forward, "_bn_fwd_fused_kernel", fused[0])
+    monkeypatch.setattr(kernels.backward, "_bn_bwd_fused_kernel", fused[1])
+    yield request.param
+    launches = fused[0].launches + fused[1].launches
+    if request.param == "general":
+        assert launches == 0, "the single-launch kernels ran on the general path"
+    else:
+        assert fused[0].launches > 0, "the single-launch forward did not run"

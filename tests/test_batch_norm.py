@@ -2,7 +2,8 @@
 
 Forward output, input/weight/bias (and residual) gradients, running stats over
 two steps; both statistics modes; NCHW, channels_last and strided inputs; all
-supported dtypes.  Every allocation is poisoned with NaN (conftest).
+supported dtypes; training tests on both the general and the single-launch path
+(the `path` fixture).  Every allocation is poisoned with NaN (conftest).
 """
 
 import pytest
@@ -91,7 +92,7 @@ def check_train_step(x, w, b, rm, rv, stats, momentum=0.1, residual=None, activa
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_train_fp32_shapes_and_layouts(shape, layout, stats, device):
+def test_train_fp32_shapes_and_layouts(shape, layout, stats, device, path):
     x = make_input(shape, layout, torch.float32, device)
     w, b, rm, rv = make_params(shape[1], torch.float32, device)
     for _ in range(2):  # two steps: the running stats compound
@@ -104,7 +105,7 @@ def test_train_fp32_shapes_and_layouts(shape, layout, stats, device):
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_train_dtypes(dtypes, layout, stats, device):
+def test_train_dtypes(dtypes, layout, stats, device, path):
     dtype, pdtype = dtypes
     shape = (3, 5, 11, 7)
     x = make_input(shape, layout, dtype, device)
@@ -117,7 +118,7 @@ def test_train_dtypes(dtypes, layout, stats, device):
 @pytest.mark.parametrize("shape", [(6, 7), (5, 3, 10), (2, 3, 5, 4, 3)], ids=["2d", "3d", "5d"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("stats", STATS)
-def test_train_other_ranks(shape, layout, stats, device):
+def test_train_other_ranks(shape, layout, stats, device, path):
     """(N, C) as BatchNorm1d, (N, C, L) and (N, C, D, H, W) in both layouts."""
     x = make_input(shape, layout, torch.float32, device)
     w, b, rm, rv = make_params(shape[1], torch.float32, device)
@@ -128,7 +129,7 @@ def test_train_other_ranks(shape, layout, stats, device):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("running", [True, False])
-def test_train_without_affine_or_running_stats(affine, running, layout, stats, device):
+def test_train_without_affine_or_running_stats(affine, running, layout, stats, device, path):
     x = make_input((3, 5, 9, 7), layout, torch.float32, device)
     w, b, rm, rv = make_params(5, torch.float32, device)
     check_train_step(x, w if affine else None, b if affine else None,
@@ -138,7 +139,7 @@ def test_train_without_affine_or_running_stats(affine, running, layout, stats, d
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("fusion", ["relu", "residual", "residual+relu"])
-def test_train_fusions(fusion, layout, stats, device):
+def test_train_fusions(fusion, layout, stats, device, path):
     """relu(bn(x) + residual) and its gradients, the residual's included."""
     shape = (3, 5, 9, 7)
     x = make_input(shape, layout, torch.float32, device, shift=0.0)
@@ -150,7 +151,7 @@ def test_train_fusions(fusion, layout, stats, device):
         assert (y == 0).any() and (y > 0).any(), "the ReLU case must have both signs"
 
 
-def test_train_fusions_fp16_residual(device):
+def test_train_fusions_fp16_residual(device, path):
     x = make_input((3, 5, 9, 7), "channels_last", torch.float16, device, shift=0.0)
     w, b, rm, rv = make_params(5, torch.float32, device)
     residual = make_input((3, 5, 9, 7), "channels_last", torch.float16, device)
@@ -190,7 +191,7 @@ def test_eval(dtypes, layout, fusion, device):
 
 
 @pytest.mark.parametrize("stats", STATS)
-def test_partial_gradients(stats, device):
+def test_partial_gradients(stats, device, path):
     """Only some inputs need grad: the others get none, the rest are right."""
     x = make_input((3, 5, 9, 7), "nchw", torch.float32, device)
     w, b, _, _ = make_params(5, torch.float32, device)

@@ -100,13 +100,14 @@ def test_every_variant_compiles(compiled_variants):
     assert not failed, "\n".join(failed)
     kernels_seen = {(r["kernel"], r["arch"]) for r in compiled_variants}
     expected = {"_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel",
-                "_bn_bwd_dx_kernel"}
+                "_bn_bwd_dx_kernel", "_bn_fwd_fused_kernel", "_bn_bwd_fused_kernel"}
     assert kernels_seen == {(k, a) for k in expected for a in (80, 90)}
     # every mode of every constexpr switch was compiled
     text = " | ".join(r["constexprs"] for r in compiled_variants)
     for flag in ["STATS=0", "STATS=1", "STATS=2", "CHANNELS_LAST=True", "CHANNELS_LAST=False",
                  "RELU=True", "HAS_RESIDUAL=True", "CUMULATIVE=True", "HAS_WEIGHT=False",
-                 "UPDATE_RUNNING=False", "TRAINING=False", "WRITE_DX=False", "ACC=fp64"]:
+                 "UPDATE_RUNNING=False", "TRAINING=False", "WRITE_DX=False", "ACC=fp64",
+                 "WELFORD=True", "WELFORD=False"]:
         assert flag in text, f"no compiled variant with {flag}"
 
 
@@ -119,15 +120,18 @@ def test_no_register_spills(compiled_variants):
 
 
 def test_16_byte_accesses_on_aligned_inputs(compiled_variants):
-    """On an aligned contiguous shape (32, 64, 56, 56), every kernel's x loads are 16-byte
-    vectors, and the kernels that write a tensor store 16-byte vectors."""
-    aligned = [r for r in compiled_variants if "(32, 64, 56, 56)" in r["scenario"]]
+    """On aligned contiguous shapes ((32, 64, 56, 56) on the general path, (16, 128, 8, 8) on
+    the single-launch path), every kernel's x loads are 16-byte vectors, and the kernels
+    that write a tensor store 16-byte vectors."""
+    aligned = [r for r in compiled_variants
+               if "(32, 64, 56, 56)" in r["scenario"] or "(16, 128, 8, 8)" in r["scenario"]]
     assert aligned
     narrow = []
     for r in aligned:
         if "WRITE_DX=False, WRITE_DRES=False" in r["constexprs"]:
             continue  # dweight/dbias only: no pass over the tensors
-        writes_tensor = r["kernel"] in ("_bn_fwd_apply_kernel", "_bn_bwd_dx_kernel")
+        writes_tensor = r["kernel"] in ("_bn_fwd_apply_kernel", "_bn_bwd_dx_kernel",
+                                        "_bn_fwd_fused_kernel", "_bn_bwd_fused_kernel")
         if r["max_load_bytes"] < 16 or (writes_tensor and r["max_store_bytes"] < 16):
             narrow.append(f"{r['arch']} {r['scenario']} {r['kernel']}: load "
                           f"{r['max_load_bytes']} B, store {r['max_store_bytes']} B")

@@ -54,7 +54,7 @@ def run_steps(ours, ref, device, steps=2, train=True):
     pytest.param(dict(affine=False), id="affine-False"),
     pytest.param(dict(track_running_stats=False), id="no-running-stats"),
 ])
-def test_module_matches_torch(stats, kwargs, device):
+def test_module_matches_torch(stats, kwargs, device, path):
     """Two training steps, then eval: outputs, grads, running stats, num_batches_tracked."""
     ours, ref = twins(stats, device, **kwargs)
     run_steps(ours, ref, device, steps=3 if kwargs.get("momentum", 0.1) is None else 2)

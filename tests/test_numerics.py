@@ -11,7 +11,7 @@ STATS = ["single_pass", "two_pass"]
 
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_large_mean_small_std(stats, channels_last, device):
+def test_large_mean_small_std(stats, channels_last, device, path):
     """mean 1e4, std 1: E[x^2] - E[x]^2 in fp32 would give garbage or negative variances."""
     x = (torch.randn(4, 3, 13, 11, device=device, dtype=torch.float64) + 1e4).float()
     if channels_last:
@@ -31,7 +31,7 @@ def test_large_mean_small_std(stats, channels_last, device):
 
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_nan_stays_in_its_channel(stats, channels_last, device):
+def test_nan_stays_in_its_channel(stats, channels_last, device, path):
     x = torch.randn(3, 5, 7, 6, device=device)
     x[1, 2, 3, 4] = float("nan")
     if channels_last:
@@ -93,7 +93,7 @@ def _huge_strided(shape, strides, device):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_offsets_past_2_31(layout, device):
+def test_offsets_past_2_31(layout, device, path):
     """Element offsets above 2**31 (int32 would wrap): batch stride 2**28 (NCHW) or a row
     stride of 2**27 (channels-last rows); forward, running stats and backward."""
     if layout == "nchw":  # 9 samples 2**28 elements apart: the last starts at offset 2**31

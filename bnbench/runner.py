@@ -6,8 +6,9 @@ inside its context (cuDNN on or off):
 1. build the function, and call it once on fresh running statistics: that call
    compiles/autotunes whatever needs it, and its outputs are compared with the
    reference (``numerics``);
-2. one more call under torch.profiler: the ``backend`` that ran, and on CUDA the
-   peak memory that call allocated beyond what was resident before it;
+2. one more call under torch.profiler: the ``backend`` that ran ("unknown" if the
+   profiler fails, with the reason in ``error``), and on CUDA the peak memory that
+   call allocated beyond what was resident before it;
 3. the time (``timing``), unless the implementation is Triton run by the
    interpreter: then the time columns stay empty.
 
@@ -128,8 +129,11 @@ def run_impl(impl, case, inputs, ref, opts):
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            ops, kernels = backends.observe(step, opts.device)
-            row["backend"] = backends.classify(ops, kernels, opts.device, opts.interpreted)
+            try:
+                ops, kernels = backends.observe(step, opts.device)
+                row["backend"] = backends.classify(ops, kernels, opts.device, opts.interpreted)
+            except Exception as exc:  # e.g. no CUPTI: the row stays, its backend unknown
+                row.update(backend="unknown", error=f"backend not identified: {one_line(exc)}")
             if cuda:
                 row["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
             if impl.family == "triton" and opts.interpreted:

@@ -188,3 +188,16 @@ def test_speedup_only_over_rows_where_cudnn_ran():
     table = report.summary(df).set_index("impl")
     assert table.loc["triton_eval", "x_vs_cudnn"] == pytest.approx(math.sqrt(8.0))
     assert table.loc["cudnn", "backend"] == "aten_native,cudnn"
+
+
+def test_profiler_failure_leaves_the_row_with_an_unknown_backend(monkeypatch):
+    def broken_profiler(step, device):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(backends, "observe", broken_profiler)
+    case = Case("eval", 2, 3, 5, 7, "float32", "nhwc")
+    opts = runner.Options(device=DEVICE, interpreted=kernels.INTERPRETED, warmup_ms=1, rep_ms=5)
+    (row,) = runner.run_case(case, [IMPLS["torch_native"]], opts)
+    assert row["status"] == "ok" and row["backend"] == "unknown"
+    assert row["error"] == "backend not identified: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
+    assert row["median_ms"] > 0 and row["rel_l2_err"] < 1e-5

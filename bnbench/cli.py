@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ["run", "plot"]
+COMMANDS = ["run", "plot", "traffic"]
 
 BANNER = (
     "bnbench: no CUDA GPU found. The Triton kernels run through Triton's interpreter "

@@ -13,8 +13,9 @@ register spills and unvectorised memory access.  This module:
    ptxas that ships in the triton wheel), shared memory, and the widest global
    load and store in the PTX (``ld.global.v4.b32`` = 16 bytes).
 
-Must run with the interpreter off (``TRITON_INTERPRET`` unset before triton
+Compiling needs the interpreter off (``TRITON_INTERPRET`` unset before triton
 is imported): ``python -m kernels.aot`` prints a JSON list of results.
+:func:`record_launches` works either way.
 """
 
 import contextlib
@@ -68,21 +69,24 @@ class Compiled:
 
 
 @contextlib.contextmanager
-def record_launches(scenario):
-    """Within the block, `kernel[grid](...)` appends a Launch to the yielded list instead of running."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("kernels.aot needs TRITON_INTERPRET unset (compiled JITFunctions)")
+def record_launches(scenario=""):
+    """Within the block, `kernel[grid](...)` appends a Launch to the yielded list instead of
+    running (compiled or interpreted kernels alike; tensors may be on the meta device)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
     launches = []
-    original = JITFunction.run
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
 
-    JITFunction.run = record
+    for cls in originals:
+        cls.run = record
     try:
         yield launches
     finally:
-        JITFunction.run = original
+        for cls, run in originals.items():
+            cls.run = run
 
 
 def _tensor(shape, dtype, channels_last=False):
@@ -250,6 +254,9 @@ def _ptxas_resources(ptx, arch):
 
 def compile_launch(launch, arch):
     """Compile one recorded launch for sm_<arch>; never raises (errors go in `error`)."""
+    if not isinstance(launch.fn, JITFunction):
+        raise RuntimeError("kernels.aot compiles with TRITON_INTERPRET unset before triton "
+                           "is imported (the interpreter's kernels cannot be compiled)")
     target = GPUTarget("cuda", arch, 32)
     options, signature, constexprs, attrs = _bind(launch, target)
     names = launch.fn.arg_names

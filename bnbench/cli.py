@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ["run", "plot", "traffic"]
+COMMANDS = ["run", "plot", "traffic", "inspect"]
 
 BANNER = (
     "bnbench: no CUDA GPU found. The Triton kernels run through Triton's interpreter "

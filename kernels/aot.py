@@ -187,10 +187,13 @@ def scenarios():
     return out
 
 
-def recorded_launches():
-    """Every distinct launch of every scenario (distinct by kernel and specialisation)."""
+def recorded_launches(match=None):
+    """Every distinct launch of every scenario (distinct by kernel and specialisation);
+    `match`: a regular expression the scenario's name must contain."""
     launches, seen = [], set()
     for name, thunk in scenarios():
+        if match and not re.search(match, name):
+            continue
         with record_launches(name) as got:
             thunk()
         for launch in got:
@@ -279,9 +282,10 @@ def compile_launch(launch, arch):
     return result
 
 
-def compile_all(archs=ARCHS):
-    """Compile every distinct launch of every scenario for each architecture."""
-    return [compile_launch(launch, arch) for launch in recorded_launches() for arch in archs]
+def compile_all(archs=ARCHS, match=None):
+    """Compile every distinct launch of every (matching) scenario for each architecture."""
+    return [compile_launch(launch, arch) for launch in recorded_launches(match)
+            for arch in archs]
 
 
 def main(argv=None):
@@ -290,8 +294,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
                         help="compute capability (repeatable; default 80 and 90)")
+    parser.add_argument("--match", help="only scenarios whose name matches this regex")
     args = parser.parse_args(argv)
-    results = compile_all(tuple(args.arch or ARCHS))
+    results = compile_all(tuple(args.arch or ARCHS), args.match)
     json.dump([asdict(r) for r in results], sys.stdout, indent=1)
     return 0
 

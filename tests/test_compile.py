@@ -136,3 +136,18 @@ def test_16_byte_accesses_on_aligned_inputs(compiled_variants):
             narrow.append(f"{r['arch']} {r['scenario']} {r['kernel']}: load "
                           f"{r['max_load_bytes']} B, store {r['max_store_bytes']} B")
     assert not narrow, "\n".join(narrow)
+
+
+def test_inspect_command(tmp_path):
+    """`bnbench inspect` writes the per-variant table (a subset here: eval on the aligned shape)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bnbench.cli", "inspect", "--match", r"^eval \(32", "--arch", "90",
+         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "not speeds" in out.stdout
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "inspect.csv", keep_default_na=False)
+    assert len(df) >= 6 and set(df.kernel) == {"_bn_fwd_apply_kernel"} and set(df.arch) == {90}
+    assert (df.error == "").all() and (df.registers > 0).all() and (df.max_load_bytes > 0).all()
+    assert {"commit", "triton", "spill_stores", "shared_bytes", "num_warps"} <= set(df.columns)

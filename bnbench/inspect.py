@@ -1,0 +1,83 @@
+"""``bnbench inspect``: the compiled code of every kernel variant, for real GPUs, without a GPU.
+
+Each launch the ops can make (``kernels.aot.scenarios``) is specialised as a real launch
+would be and compiled with ``triton.compile`` for sm_80 and sm_90 (``ptxas`` ships with
+Triton).  Reported per variant: registers per thread, spill bytes, stack frame, shared
+memory, the widest global load and store in the PTX (16 bytes = ``ld.global.v4.b32``),
+num_warps and num_stages.  Compiled resources are measured proxies for speed, not speeds.
+
+The compiler runs in a subprocess with ``TRITON_INTERPRET`` unset: the interpreter's
+kernels cannot be compiled.
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+COLUMNS = ["kernel", "arch", "scenario", "registers", "spill_stores", "spill_loads",
+           "stack_frame", "shared_bytes", "max_load_bytes", "max_store_bytes", "num_warps",
+           "num_stages", "constexprs", "error"]
+
+
+def compile_variants(archs=(80, 90), match=None):
+    """Run ``python -m kernels.aot`` (interpreter off) and return its results as a DataFrame."""
+    import pandas as pd
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "kernels.aot", *[a for arch in archs for a in ("--arch", str(arch))]]
+    if match:
+        cmd += ["--match", match]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    if out.returncode != 0:
+        raise RuntimeError(f"kernels.aot failed: {out.stderr.strip().splitlines()[-1:]}")
+    return pd.DataFrame(json.loads(out.stdout))[COLUMNS]
+
+
+def summary(df):
+    """One line per kernel and arch: variants, the register range, spills, widest accesses."""
+    return df.groupby(["kernel", "arch"]).agg(
+        variants=("scenario", "size"), regs_min=("registers", "min"),
+        regs_max=("registers", "max"), spill_bytes=("spill_stores", "sum"),
+        stack_max=("stack_frame", "max"), smem_max=("shared_bytes", "max"),
+        widest_load=("max_load_bytes", "max"), widest_store=("max_store_bytes", "max"),
+        errors=("error", lambda e: int((e != "").sum())))
+
+
+def run_command(args):
+    from bnbench.environment import git_commit
+
+    import triton
+
+    df = compile_variants(tuple(args.arch), args.match)
+    df["triton"] = triton.__version__
+    df["commit"] = git_commit()
+    df["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "inspect.csv"
+    df.to_csv(path, index=False)
+    print("Compiled resources are measured proxies for speed, not speeds.")
+    print(summary(df).to_string())
+    print(f"{len(df)} compiled variants; wrote {path}")
+    failed = (df.error != "") | (df.spill_stores > 0) | (df.spill_loads > 0)
+    return 1 if failed.any() else 0
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "inspect", help="compile every kernel variant for sm_80/sm_90 and report its resources",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
+                   help="compute capability (repeatable; default 80 and 90)")
+    p.add_argument("--match", help="only scenarios whose name matches this regular expression")
+    p.add_argument("--out", default="results", help="folder for inspect.csv")
+    p.set_defaults(func=_with_default_archs, uses_device=False)
+
+
+def _with_default_archs(args):
+    args.arch = args.arch or [80, 90]
+    return run_command(args)

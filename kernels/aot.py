@@ -101,7 +101,8 @@ def scenarios():
     with every dtype pattern, the single-launch path on an aligned shape with fp32,
     fp64 and fp16/bf16 input with fp32 parameters, both paths on an unaligned 7x7
     shape (fp32, bf16 with fp32 parameters); each fusion and option flag on the
-    aligned fp32 shapes of both paths.
+    aligned fp32 shapes of both paths; and the num_warps configurations autotuning
+    may try there.
     """
     from .backward import bn_backward
     from .forward import bn_forward_eval, bn_forward_train
@@ -184,7 +185,26 @@ def scenarios():
                          ("residual+relu", dict(residual=True, relu=True))):
             out.append((f"eval {name} {shape} nchw fp32",
                         lambda kw=kw, shape=shape: evaluate(shape, f32, f32, False, **kw)))
+        # the num_warps an autotuned launch may try (kernels._tuning)
+        for cl in (False, True):
+            tag = f"{shape} {'nhwc' if cl else 'nchw'} fp32"
+            for stats in ("single_pass", "two_pass"):
+                out.append((f"autotuned train {stats} {tag}", lambda a=(shape, f32, f32, cl, stats):
+                            _autotuned(train, *a)))
+            out.append((f"autotuned backward {tag}", lambda a=(shape, f32, f32, cl):
+                        _autotuned(backward, *a)))
     return out
+
+
+def _autotuned(fn, *args):
+    from ._tuning import autotune_enabled, set_autotune
+
+    was = autotune_enabled()
+    set_autotune(True)
+    try:
+        fn(*args)
+    finally:
+        set_autotune(was)
 
 
 def recorded_launches(match=None):

@@ -34,6 +34,7 @@ from ._common import (
     _bcast, _channels, _load_channel, _merge_sums, _offsets, _per_channel, _tile,
 )
 from ._layout import choose_layout, empty_output, plan, strides, to_layout
+from ._tuning import launcher
 from .forward import acc_dtype, tl_acc
 
 
@@ -278,38 +279,42 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
     part_g = part_gx = None
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
                   HAS_RESIDUAL=has_residual, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
-                  BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, num_warps=p.num_warps)
+                  BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL)
     y_strides = strides(y, channels_last) if y is not None else (0, 0)
     write_dx, write_dres = dx is not None, dres is not None
     out_strides = (*(strides(dx, channels_last) if write_dx else (0, 0)),
                    *(strides(dres, channels_last) if write_dres else (0, 0)))
     if p.fused:  # the single-launch path: x and dy read once
-        _bn_bwd_fused_kernel[p.grid](
+        kernel, opts = launcher(_bn_bwd_fused_kernel, p.num_warps)
+        kernel[p.grid](
             x, dy, y, dx, dres, weight, bias, mean, rstd, dw, db,
             C, p.n_rows, p.n_cols, float(p.count),
             *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *out_strides,
             TRAINING=training, WRITE_DX=write_dx, WRITE_DRES=write_dres,
-            WRITE_DW=need_dweight, WRITE_DB=need_dbias, **common,
+            WRITE_DW=need_dweight, WRITE_DB=need_dbias, **common, **opts,
         )
         return dx, dw, db, dres
     if need_sums:
         part_g = torch.empty((p.split, C), dtype=acc, device=x.device)
         part_gx = torch.empty((p.split, C), dtype=acc, device=x.device)
-        _bn_bwd_reduce_kernel[p.grid](
+        kernel, opts = launcher(_bn_bwd_reduce_kernel, p.num_warps)
+        kernel[p.grid](
             x, dy, y, weight, bias, mean, rstd, part_g, part_gx,
             C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog,
             *strides(x, channels_last), *strides(dy, channels_last), *y_strides,
-            **common,
+            **common, **opts,
         )
     # without dx or the residual's grad, only split 0 (which writes dweight/dbias) is needed
     grid = p.grid if (write_dx or write_dres) else (p.groups, 1)
     if need_sums or write_dx or write_dres:
-        _bn_bwd_dx_kernel[grid](
+        kernel, opts = launcher(_bn_bwd_dx_kernel, p.num_warps)
+        kernel[grid](
             x, dy, y, dx, dres, weight, bias, mean, rstd, part_g, part_gx, dw, db,
             C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
             float(p.count),
             *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *out_strides,
             TRAINING=training, NEED_SUMS=need_sums, WRITE_DX=write_dx, WRITE_DRES=write_dres,
             WRITE_DW=need_dweight, WRITE_DB=need_dbias, BLOCK_SPLIT=p.BLOCK_SPLIT, **common,
+            **opts,
         )
     return dx, dw, db, dres

@@ -50,6 +50,7 @@ from ._common import (
     _offsets, _per_channel, _per_channel_zero, _pivot, _tile,
 )
 from ._layout import choose_layout, empty_output, plan, strides, to_layout
+from ._tuning import launcher
 
 # Values of the STATS constexpr.
 STATS_SUM = 0  # stats kernel: per-split sum of x (two-pass, first read)
@@ -60,6 +61,7 @@ FROM_TWO_PASS = 1  # apply kernel: merge two-pass partials
 FROM_WELFORD = 2  # apply kernel: merge single-pass partials
 
 STATS_MODES = ("two_pass", "single_pass")
+RUNNING_STATS = ("run_mean_ptr", "run_var_ptr")  # updated in place: restored between autotune trials
 
 
 def acc_dtype(dtype):
@@ -324,7 +326,9 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
     count_buf, part_a, part_b = parts
     save_mean, save_rstd = saved
     res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
-    _bn_fwd_apply_kernel[p.grid](
+    kernel, opts = launcher(_bn_fwd_apply_kernel, p.num_warps,
+                            RUNNING_STATS if update_running else ())
+    kernel[p.grid](
         x, y, residual, weight, bias, count_buf, part_a, part_b,
         running_mean, running_var, num_batches_tracked, save_mean, save_rstd,
         p.C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
@@ -334,7 +338,7 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, RELU=relu, ACC=tl_acc(x.dtype),
         CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL,
-        BLOCK_SPLIT=p.BLOCK_SPLIT, num_warps=p.num_warps,
+        BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
     )
 
 
@@ -373,7 +377,9 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     p = plan(x, channels_last)
     res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
     if p.fused:  # the single-launch path: x read once
-        _bn_fwd_fused_kernel[p.grid](
+        kernel, opts = launcher(_bn_fwd_fused_kernel, p.num_warps,
+                                RUNNING_STATS if running_mean is not None else ())
+        kernel[p.grid](
             x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,
             save_mean, save_rstd, C, p.n_rows, p.n_cols, float(p.count), float(momentum),
             float(eps), *strides(x, channels_last), *strides(y, channels_last), *res_strides,
@@ -381,7 +387,7 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
             CUMULATIVE=num_batches_tracked is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
             ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
-            BLOCK_COL=p.BLOCK_COL, num_warps=p.num_warps,
+            BLOCK_COL=p.BLOCK_COL, **opts,
         )
         return y, save_mean, save_rstd
     part_shape = (p.split, C)
@@ -389,14 +395,14 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     part_b = torch.empty(part_shape, dtype=acc, device=x.device)
     count_buf = torch.empty(part_shape, dtype=acc, device=x.device) if stats == "single_pass" else None
     stats_passes = (STATS_WELFORD,) if stats == "single_pass" else (STATS_SUM, STATS_CENTRED)
+    kernel, opts = launcher(_bn_fwd_stats_kernel, p.num_warps)
     for pass_ in stats_passes:
-        _bn_fwd_stats_kernel[p.grid](
+        kernel[p.grid](
             x, count_buf, part_a, part_b,
             C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
             float(p.count), *strides(x, channels_last),
             STATS=pass_, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
-            BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT,
-            num_warps=p.num_warps,
+            BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
         )
     _launch_apply(
         x, y, residual, weight, bias, (count_buf, part_a, part_b),

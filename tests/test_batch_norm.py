@@ -220,3 +220,28 @@ def test_zero_size_batch(training, device):
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("shape", [(3, 5, 17, 13), (12, 4, 28, 28)], ids=["single-launch", "general"])
+def test_autotuned_kernels_update_running_stats_once(shape, stats, device, monkeypatch):
+    """With autotuning on, every trial config runs the kernel that updates the running stats;
+    restore_value must leave them updated exactly once per call (two steps checked)."""
+    import kernels._tuning as tuning
+
+    trials = []
+
+    def counting_bench(kernel_call, quantiles):
+        trials.append(1)
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(tuning, "_enabled", True)
+    monkeypatch.setattr(tuning, "_tuned", {})
+    monkeypatch.setattr(tuning, "_do_bench", counting_bench)
+    x = make_input(shape, "nchw", torch.float32, device)
+    w, b, rm, rv = make_params(shape[1], torch.float32, device)
+    for _ in range(2):
+        check_train_step(x, w, b, rm, rv, stats)
+        x = make_input(shape, "nchw", torch.float32, device)
+    assert len(trials) >= 3, "the autotuner did not benchmark several configurations"

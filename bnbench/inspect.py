@@ -27,7 +27,8 @@ def compile_variants(archs=(80, 90), match=None):
     import pandas as pd
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "kernels.aot", *[a for arch in archs for a in ("--arch", str(arch))]]
+    cmd = [sys.executable, "-m", "kernels.aot"]
+    cmd += [a for arch in archs for a in ("--arch", str(arch))]
     if match:
         cmd += ["--match", match]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True,

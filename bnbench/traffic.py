@@ -1,4 +1,4 @@
-"""``bnbench traffic``: the bytes each op moves, its launches and its programs, counted without a GPU.
+"""``bnbench traffic``: the bytes each op moves, its launches and programs, counted without a GPU.
 
 BatchNorm is memory-bound: on a GPU its time is set by the bytes it moves, the
 launches it makes (microseconds each, which dominate at small batch) and how many
@@ -291,7 +291,8 @@ def _nchw(text):
     except ValueError:
         dims = ()
     if len(dims) != 4 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected NxCxHxW, e.g. 16x4x28x28")
+        raise argparse.ArgumentTypeError(
+            f"invalid shape {text!r}: expected NxCxHxW, e.g. 16x4x28x28")
     return dims
 
 

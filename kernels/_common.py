@@ -41,7 +41,8 @@ def _tile(tile, pid_c, n_rows, n_cols, n_col_blocks,
 @triton.jit
 def _offsets(rows, cols, pid_c, stride_row, stride_chan):
     """Element offsets [BLOCK_ROW, BLOCK_COL] of a tile in a tensor with these strides."""
-    return pid_c.to(tl.int64) * stride_chan + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    row_offs = rows.to(tl.int64)[:, None] * stride_row
+    return pid_c.to(tl.int64) * stride_chan + row_offs + cols[None, :]
 
 
 @triton.jit

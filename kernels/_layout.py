@@ -180,7 +180,7 @@ def empty_for(shape, channels_last, dtype, device):
 
 
 def _dense(t):
-    """True when t's elements fill its storage span exactly once (some permutation of contiguous)."""
+    """True when t's elements fill their span exactly once (a permutation of contiguous)."""
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
         if stride != expected:

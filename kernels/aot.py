@@ -239,7 +239,8 @@ def _signature_key(launch):
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_SPILL = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _VEC_BITS = {"v2": 2, "v4": 4, "v8": 8}
 
 

@@ -268,7 +268,9 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
     dw = torch.empty_like(weight) if need_dweight else None
     db = torch.empty_like(bias) if need_dbias else None
     if x.numel() == 0:
-        return dx, (dw.zero_() if dw is not None else None), (db.zero_() if db is not None else None), dres
+        dw = dw.zero_() if dw is not None else None
+        db = db.zero_() if db is not None else None
+        return dx, dw, db, dres
 
     x, channels_last = choose_layout(x)
     dy = to_layout(dy, channels_last)

@@ -61,7 +61,8 @@ FROM_TWO_PASS = 1  # apply kernel: merge two-pass partials
 FROM_WELFORD = 2  # apply kernel: merge single-pass partials
 
 STATS_MODES = ("two_pass", "single_pass")
-RUNNING_STATS = ("run_mean_ptr", "run_var_ptr")  # updated in place: restored between autotune trials
+# updated in place, so restored between autotune trials
+RUNNING_STATS = ("run_mean_ptr", "run_var_ptr")
 
 
 def acc_dtype(dtype):
@@ -393,8 +394,9 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     part_shape = (p.split, C)
     part_a = torch.empty(part_shape, dtype=acc, device=x.device)
     part_b = torch.empty(part_shape, dtype=acc, device=x.device)
-    count_buf = torch.empty(part_shape, dtype=acc, device=x.device) if stats == "single_pass" else None
-    stats_passes = (STATS_WELFORD,) if stats == "single_pass" else (STATS_SUM, STATS_CENTRED)
+    welford = stats == "single_pass"
+    count_buf = torch.empty(part_shape, dtype=acc, device=x.device) if welford else None
+    stats_passes = (STATS_WELFORD,) if welford else (STATS_SUM, STATS_CENTRED)
     kernel, opts = launcher(_bn_fwd_stats_kernel, p.num_warps)
     for pass_ in stats_passes:
         kernel[p.grid](

@@ -76,7 +76,8 @@ def _(x, weight, bias, residual, running_mean, running_var, eps, relu):
 @torch.library.custom_op("bnbench::batch_norm_backward", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor],
                  bias: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool, relu: bool,
-                 has_residual: bool, grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 has_residual: bool,
+                 grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     outs = bn_backward(dy, x, y, weight, bias, mean, rstd, training=training, relu=relu,
                        has_residual=has_residual, need_dx=grad_mask[0],
                        need_dweight=grad_mask[1], need_dbias=grad_mask[2],

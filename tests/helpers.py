@@ -24,7 +24,7 @@ def assert_close(actual, expected, dtype, what):
 
 def reference_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
                          residual=None, relu=False):
-    """torch's batch norm in float64 on CPU, with the same fusions (running stats updated in place)."""
+    """torch's batch norm (float64 CPU inputs), with the same fusions; updates running stats."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual

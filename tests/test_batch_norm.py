@@ -57,7 +57,7 @@ def make_params(C, dtype, device):
 
 def check_train_step(x, w, b, rm, rv, stats, momentum=0.1, residual=None, activation=None,
                      param_dtype=None):
-    """One training step against the float64 reference: y, dx, dw, db, d(residual), running stats."""
+    """One training step against the float64 reference: y, dx, dw, db, dres, running stats."""
     dtype = x.dtype
     pdtype = param_dtype or dtype
     ref_rm, ref_rv = f64(rm), f64(rv)
@@ -223,7 +223,8 @@ def test_zero_size_batch(training, device):
 
 
 @pytest.mark.parametrize("stats", STATS)
-@pytest.mark.parametrize("shape", [(3, 5, 17, 13), (12, 4, 28, 28)], ids=["single-launch", "general"])
+@pytest.mark.parametrize("shape", [(3, 5, 17, 13), (12, 4, 28, 28)],
+                         ids=["single-launch", "general"])
 def test_autotuned_kernels_update_running_stats_once(shape, stats, device, monkeypatch):
     """With autotuning on, every trial config runs the kernel that updates the running stats;
     restore_value must leave them updated exactly once per call (two steps checked)."""

@@ -78,7 +78,7 @@ def test_deterministic(stats, channels_last, device):
 
 
 def _huge_strided(shape, strides, device):
-    """A float16 view whose largest element offset is past 2**31, over a mostly untouched storage."""
+    """A float16 view whose largest element offset is past 2**31 (storage mostly untouched)."""
     span = 1 + sum((s - 1) * st for s, st in zip(shape, strides))
     assert span > 2**31
     flag = torch.utils.deterministic.fill_uninitialized_memory

@@ -45,11 +45,13 @@ program of the next launch.
 Single-launch path (training)
 -----------------------------
 When a channel group's whole plane fits in one tile of at most FUSED_MAX_ELEMS
-(8192; 4096 for fp64) elements, forward and backward each take one launch that
+(4096; 2048 for fp64) elements, forward and backward each take one launch that
 reads x (and dy) once and keeps it in registers: 8 B/elem forward and 12 B/elem
 backward in fp32, against 12 and 20 on the general path.  NCHW fits when
-next_pow2(N) * next_pow2(H*W) <= 8192 (e.g. (2048, 7, 7) up to N = 128); NHWC
-when next_pow2(N*H*W) * BLOCK_COL <= 8192 with BLOCK_COL >= 8 channels.  It is
+next_pow2(N) * next_pow2(H*W) <= 4096 (e.g. (2048, 7, 7) up to N = 64); NHWC
+when next_pow2(N*H*W) * BLOCK_COL <= 4096 with BLOCK_COL >= 16 bytes of channels.  A
+thread holds at most 8 elements of the tile (16 warps for 4096): the backward
+keeps x, dy, x_hat and the gradient live, which spills at 16 per thread.  It is
 taken unless it would leave the GPU partly idle (fewer than FILL_WAVES x SMs
 programs) where the general path would not.
 """
@@ -66,7 +68,8 @@ TILE_ELEMS = 4096  # elements per tile: 16 fp32 values per thread at 8 warps
 MIN_TILE_ELEMS = 1024  # tiles shrink down to this for small shapes, to make more programs
 MERGE_RATIO = 32  # split <= sqrt(M / MERGE_RATIO)
 MAX_BLOCK_SPLIT = 64
-FUSED_MAX_ELEMS = 8192  # single-launch path: a channel group's whole plane in one tile
+FUSED_MAX_ELEMS = 4096  # single-launch path: a channel group's whole plane in one tile
+ELEMS_PER_THREAD = 8  # per thread and tile, at least: 16-byte vectors even for 16-bit types
 FILL_WAVES = 2  # programs per SM below which a launch leaves an H100 partly idle
 
 
@@ -223,6 +226,13 @@ def plan(x, channels_last, *, merge=True):
     return general
 
 
+def _num_warps(tile_elems, most):
+    """Warps for a tile: ELEMS_PER_THREAD elements per thread, up to `most` warps (the
+    general path's 8 warps give a 4096 tile 16 per thread; the single-launch kernels, whose
+    backward keeps more arrays live, get 16)."""
+    return max(1, min(most, tile_elems // (32 * ELEMS_PER_THREAD)))
+
+
 def _fused_plan(x, channels_last):
     """The single-launch plan, or None when a channel group's plane does not fit one tile."""
     N, C = x.shape[0], x.shape[1]
@@ -231,8 +241,10 @@ def _fused_plan(x, channels_last):
     fill = FILL_WAVES * num_sms(x.device)
     if channels_last:
         rows = triton.next_power_of_2(max(N * HW, 1))
-        fitting = [c for c in (64, 32, 16, 8)
-                   if rows * c <= max_elems and c <= max(8, triton.next_power_of_2(C))]
+        narrowest = max(4, 16 // x.element_size())  # a row of the tile is a 16-byte vector
+        fitting = [c for c in (64, 32, 16, 8, 4)
+                   if rows * c <= max_elems
+                   and narrowest <= c <= max(narrowest, triton.next_power_of_2(C))]
         if not fitting:
             return None
         # the widest channel block that still fills the GPU, else the narrowest
@@ -248,7 +260,7 @@ def _fused_plan(x, channels_last):
         channels_last=channels_last, N=N, C=C, HW=HW, n_rows=n_rows, n_cols=n_cols,
         n_col_blocks=1, groups=groups, tiles=1, split=1, tiles_per_prog=1,
         BLOCK_ROW=block_row, BLOCK_COL=block_col, BLOCK_SPLIT=1,
-        num_warps=max(4, min(16, block_row * block_col // 512)), fused=True,
+        num_warps=_num_warps(block_row * block_col, 16), fused=True,
     )
 
 
@@ -289,5 +301,5 @@ def _general_plan(x, channels_last, merge):
         tiles=tiles, split=split, tiles_per_prog=tiles_per_prog,
         BLOCK_ROW=block_row, BLOCK_COL=block_col,
         BLOCK_SPLIT=min(triton.next_power_of_2(split), MAX_BLOCK_SPLIT),
-        num_warps=8 if block_row * block_col >= 2048 else 4,
+        num_warps=_num_warps(block_row * block_col, 8),
     )

@@ -142,7 +142,7 @@ def scenarios():
 
     # general path (aligned: 16-byte vectors possible; unaligned 7x7) and single-launch path
     general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
-    fused, fused_7x7 = (16, 128, 8, 8), (8, 256, 7, 7)
+    fused, fused_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
     all_dtypes = [(torch.float32, torch.float32), (torch.float16, torch.float16),
                   (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                   (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]

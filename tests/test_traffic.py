@@ -15,7 +15,7 @@ import pytest
 from bnbench.traffic import parallelism_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = "12x4x28x28,160x4x7x7,16x16x7x7"  # like (32,64,56,56), (256,2048,7,7), (2048,7,7) N<=64
+SHAPES = "12x4x28x28,160x4x7x7,8x16x7x7"  # like (32,64,56,56), (256,2048,7,7), (2048,7,7) N<=64
 
 
 def _traffic(tmp_path, *extra):
@@ -75,7 +75,7 @@ def test_fused_residual_relu_traffic(tmp_path):
     """With relu(bn(x) + residual) the residual adds one read forward; backward writes its
     gradient and reads y for the ReLU mask (in both passes on the general path)."""
     df = _traffic(tmp_path, "--fusions", "residual+relu", "--layouts", "nchw",
-                  "--shapes", "12x4x28x28,16x16x7x7")
+                  "--shapes", "12x4x28x28,8x16x7x7")
     fwd = df[(df.op == "train_fwd") & (df.stats == "single_pass")]
     assert (fwd[fwd.path == "general"].elem_B_per_elem <= 16).all()
     assert (fwd[fwd.path == "single_launch"].elem_B_per_elem == 12).all()

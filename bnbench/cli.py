@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ["run", "plot", "traffic", "inspect"]
+COMMANDS = ["run", "plot", "traffic", "inspect", "train"]
 
 BANNER = (
     "bnbench: no CUDA GPU found. The Triton kernels run through Triton's interpreter "

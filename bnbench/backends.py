@@ -12,6 +12,13 @@ kernels launched; ``classify`` turns those names into the ``backend`` column:
 Several families join with "+" (e.g. "cudnn+aten_native" if the forward ran on
 cuDNN and something else on ATen); "unknown" when nothing is recognised.  A row's
 ``impl`` says what was asked for; ``backend`` says what ran.
+
+conv_bn_eval rows name the conv and the batch norm apart, ``conv:<c>+bn:<b>``
+(e.g. ``conv:cudnn+bn:triton``), both read from the profiled operator names only
+(cuDNN's convolution kernels would otherwise pass for its batch norm's):
+<c> is cudnn, onednn (aten::mkldnn_convolution), miopen, aten (ATen's own
+slow_conv/thnn kernels) or unknown; <b> is one of the labels above, or "none"
+when no batch norm ran (a folded conv).
 """
 
 import contextlib
@@ -24,6 +31,9 @@ _ATEN_OPS = ("aten::native_batch_norm", "aten::_native_batch_norm_legit",
              "aten::batch_norm_backward", "aten::native_batch_norm_backward")
 _COMPILED_OPS = ("Torch-Compiled Region", "CompiledFxGraph", "CompiledFunction")
 FAMILY_ORDER = ("triton", "cudnn", "inductor", "aten")
+# Convolution operators (substring of the profiled op name) -> the conv's backend.
+_CONV_OPS = (("cudnn_convolution", "cudnn"), ("mkldnn_convolution", "onednn"),
+             ("miopen_convolution", "miopen"), ("slow_conv", "aten"), ("thnn_conv", "aten"))
 
 
 def families(op_names, kernel_names):
@@ -50,16 +60,21 @@ def families(op_names, kernel_names):
     return found
 
 
-def classify(op_names, kernel_names, device, interpreted):
-    """The backend label (see the module docstring) for one profiled call."""
-    found = families(op_names, kernel_names)
+def classify(op_names, kernel_names, device, interpreted, conv=False):
+    """The backend label (see the module docstring) for one profiled call; with `conv`, the
+    ``conv:<c>+bn:<b>`` label of a conv_bn_eval call."""
+    found = families(op_names, () if conv else kernel_names)
     labels = {
         "triton": "triton_interpreter" if interpreted else "triton",
         "cudnn": "cudnn",
         "inductor": "inductor_triton" if device == "cuda" else "inductor_cpp",
         "aten": "aten_native" if device == "cuda" else "aten_cpu",
     }
-    return "+".join(labels[f] for f in FAMILY_ORDER if f in found) or "unknown"
+    bn = "+".join(labels[f] for f in FAMILY_ORDER if f in found)
+    if not conv:
+        return bn or "unknown"
+    convs = sorted({label for name in op_names for op, label in _CONV_OPS if op in name})
+    return f"conv:{'+'.join(convs) or 'unknown'}+bn:{bn or 'none'}"
 
 
 @contextlib.contextmanager

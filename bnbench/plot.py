@@ -1,14 +1,15 @@
 """`bnbench plot CSV`: the PNGs of a run, drawn from its CSV and nothing else.
 
-Three figures, each a grid of panels (rows: modes; columns: dtype x layout), batch
-size on the x axis, one line per implementation:
+Three figures, each a grid of panels (rows: mode x fusion; columns: dtype x layout),
+batch size on the x axis, one line per implementation:
 
 * ``<stem>_throughput.png``: GB/s (minimal bytes / median time; median over the
   shapes), the device's copy bandwidth dotted;
 * ``<stem>_speedup.png``: speed-up over cuDNN (rows where cuDNN ran; torch_native
-  when there are none, as on a CPU), geometric mean over the shapes;
+  when there are none, as on a CPU; conv+cudnn in conv_bn_eval), geometric mean over
+  the shapes;
 * ``<stem>_error.png``: the worst rel_l2_err over the quantities compared (y, and in
-  training dx, dweight, dbias, running stats), the largest over the shapes.
+  training dx, dweight, dbias, dresidual, running stats), the largest over the shapes.
 
 Rows with an error, skipped rows and untimed rows (Triton through the interpreter)
 draw nothing on the speed figures.
@@ -59,12 +60,17 @@ def plot_command(args):
 
 
 def _grid(df):
-    from .cases import LAYOUTS, MODES
+    """The panels' rows ((mode, fusion) pairs present) and columns ((dtype, layout) pairs)."""
+    from .cases import ALL_MODES, FUSIONS, LAYOUTS
 
-    modes = [m for m in MODES if m in set(df["mode"])]
-    combos = sorted({(d, l) for d, l in zip(df["dtype"], df["layout"])},
-                    key=lambda dl: (dl[0], LAYOUTS.index(dl[1]) if dl[1] in LAYOUTS else 9))
-    return modes, combos
+    def rank(value, order):
+        return order.index(value) if value in order else len(order)
+
+    rows = sorted(set(zip(df["mode"], df["fusion"])),
+                  key=lambda mf: (rank(mf[0], ALL_MODES), rank(mf[1], FUSIONS), mf))
+    combos = sorted(set(zip(df["dtype"], df["layout"])),
+                    key=lambda dl: (dl[0], rank(dl[1], LAYOUTS)))
+    return rows, combos
 
 
 def _styles(impls):
@@ -79,26 +85,31 @@ def _styles(impls):
 
 
 def _figure(df, title, ylabel, value, logy=False, hline=None, empty_note="no data"):
-    """One grid figure; `value(group)` reduces one panel's rows of an impl to a Series by N."""
+    """One grid figure; `value(group)` reduces one panel's rows of an impl to a Series by N.
+
+    `ylabel` and `hline` (None or (y, label)) may be functions of the panel's mode.
+    """
     from matplotlib.figure import Figure
 
-    modes, combos = _grid(df)
+    rows, combos = _grid(df)
     styles = _styles(df["impl"].unique())
     width = 4.2 * max(1, len(combos))
-    fig = Figure(figsize=(width, 3.2 * max(1, len(modes)) + 0.8), layout="constrained")
-    axes = fig.subplots(max(1, len(modes)), max(1, len(combos)), squeeze=False)
-    for i, mode in enumerate(modes):
+    fig = Figure(figsize=(width, 3.2 * max(1, len(rows)) + 0.8), layout="constrained")
+    axes = fig.subplots(max(1, len(rows)), max(1, len(combos)), squeeze=False)
+    for i, (mode, fusion) in enumerate(rows):
         for j, (dtype, layout) in enumerate(combos):
             ax = axes[i][j]
-            panel = df[(df["mode"] == mode) & (df["dtype"] == dtype) & (df["layout"] == layout)]
+            panel = df[(df["mode"] == mode) & (df["fusion"] == fusion) & (df["dtype"] == dtype)
+                       & (df["layout"] == layout)]
             drawn = False
             for impl, g in panel.groupby("impl", sort=False):
                 series = value(g).dropna()
                 if len(series):
                     ax.plot(series.index, series.values, label=impl, **styles[impl])
                     drawn = True
-            if hline is not None:
-                ax.axhline(hline[0], color="grey", linestyle=":", label=hline[1])
+            line = hline(mode) if callable(hline) else hline
+            if line is not None:
+                ax.axhline(line[0], color="grey", linestyle=":", label=line[1])
             if not drawn:
                 ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes,
                         color="grey")
@@ -108,9 +119,10 @@ def _figure(df, title, ylabel, value, logy=False, hline=None, empty_note="no dat
             ax.minorticks_off()
             if logy and drawn:
                 ax.set_yscale("log")
-            ax.set_title(f"{mode}, {dtype}, {layout}", fontsize=9)
+            fused = "" if fusion == "none" else f" +{fusion}"
+            ax.set_title(f"{mode}{fused}, {dtype}, {layout}", fontsize=9)
             ax.set_xlabel("batch size N")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel(mode) if callable(ylabel) else ylabel)
             if drawn:
                 ax.legend(fontsize=7)
     fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 14))), fontsize=9)
@@ -136,6 +148,11 @@ def draw(csv_path, out_dir=None, shape=None):
     df["_worst_abs"], df["_worst_rel"] = report.worst_errors(df)
     df, base_name = report.with_speedup(df)
     ok = df[df["status"] == "ok"]
+    baseline = dict(zip(df["mode"], df["baseline"]))
+    over = base_name
+    if (df["mode"] == "conv_bn_eval").any():
+        over = f"{base_name} ({baseline['conv_bn_eval']} in conv_bn_eval)" \
+            if (df["mode"] != "conv_bn_eval").any() else baseline["conv_bn_eval"]
     device = str(df["device"].iloc[0]) if "device" in df and len(df) else "unknown device"
     scope = f"shape {shape[0]}x{shape[1]}x{shape[2]}" if shape else "over the shapes"
     note = ""
@@ -155,10 +172,11 @@ def draw(csv_path, out_dir=None, shape=None):
         "throughput": _figure(ok, f"{device}: GB/s (median {scope}){note}",
                               "GB/s", by_n("gbps", "median"), hline=hline,
                               empty_note="no timed rows"),
-        "speedup": _figure(ok[ok["impl"] != base_name],
-                           f"{device}: speed-up over {base_name} (geometric mean {scope}){note}",
-                           f"x faster than {base_name}", by_n("speedup", geomean),
-                           hline=(1.0, base_name), empty_note="no timed rows"),
+        "speedup": _figure(ok[ok["impl"] != ok["baseline"]],
+                           f"{device}: speed-up over {over} (geometric mean {scope}){note}",
+                           lambda mode: f"x faster than {baseline[mode]}",
+                           by_n("speedup", geomean), hline=lambda mode: (1.0, baseline[mode]),
+                           empty_note="no timed rows"),
         "error": _figure(ok,
                          f"{device}: worst rel. L2 error vs float64 over y, grads, running "
                          f"stats (max {scope})", "rel_l2_err", by_n("_worst_rel", "max"),

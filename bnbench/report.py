@@ -7,14 +7,20 @@ Columns, in order:
   ``cuda_version``, ``cudnn_version``, ``triton_mode`` (compiled/interpreter), ``tf32``,
   ``copy_gbps`` (the device's copy bandwidth, measured once per run);
 * the case: ``impl``, ``backend`` (what actually ran, see ``bnbench.backends``),
-  ``mode``, ``N``, ``C``, ``H``, ``W``, ``dtype``, ``layout``;
+  ``mode``, ``N``, ``C``, ``H``, ``W``, ``dtype``, ``layout``, ``fusion`` (none, relu,
+  residual+relu; see ``bnbench.cases``);
 * the outcome: ``status`` (ok/error/skipped) and ``error`` (the exception or reason);
 * speed: ``median_ms``, ``p20_ms``, ``p80_ms``, ``gbps`` (minimal bytes / median time,
   see ``bnbench.cases``), ``frac_copy_bw`` (gbps / copy_gbps), ``peak_mem_mb`` (CUDA:
   memory one call allocates beyond what was resident before it).  Empty for Triton
   rows run by the interpreter, for failed rows, and peak memory on CPU;
 * error against the float64 reference: ``max_abs_err``, ``rel_l2_err`` (output y) and
-  the same for dx, dweight, dbias, running_mean, running_var (``bnbench.numerics``).
+  the same for dx, dweight, dbias, dresidual, running_mean, running_var
+  (``bnbench.numerics``).
+
+Speed-ups (summary and plots) are taken per case against one baseline: in the batch-norm
+modes ``cudnn`` where cuDNN ran (else ``torch_native``, as on a CPU); in conv_bn_eval
+``conv+cudnn`` (the unfolded torch pair, whatever ran its batch norm: see its backend).
 """
 
 import csv
@@ -25,7 +31,8 @@ from .numerics import ERROR_COLUMNS
 RUN_COLUMNS = ("timestamp", "git_commit", "device", "device_type", "torch_version",
                "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
                "copy_gbps")
-CASE_COLUMNS = ("impl", "backend", "mode", "N", "C", "H", "W", "dtype", "layout")
+CASE_COLUMNS = ("impl", "backend", "mode", "N", "C", "H", "W", "dtype", "layout",
+                "fusion")
 OUTCOME_COLUMNS = ("status", "error")
 SPEED_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "peak_mem_mb")
 COLUMNS = RUN_COLUMNS + CASE_COLUMNS + OUTCOME_COLUMNS + SPEED_COLUMNS + ERROR_COLUMNS
@@ -68,10 +75,15 @@ class CsvWriter:
 
 
 def read(path):
-    """The CSV as a pandas DataFrame; ValueError if it lacks the columns of a bnbench run."""
+    """The CSV as a pandas DataFrame; ValueError if it lacks the columns of a bnbench run.
+
+    A CSV from before fusions were measured gets ``fusion`` "none".
+    """
     import pandas as pd
 
     df = pd.read_csv(path, keep_default_na=True)
+    if "fusion" not in df.columns:
+        df["fusion"] = "none"
     missing = [c for c in CASE_COLUMNS + OUTCOME_COLUMNS + ("median_ms", "gbps", "max_abs_err",
                                                             "rel_l2_err") if c not in df.columns]
     if missing:
@@ -87,7 +99,8 @@ def worst_errors(df):
 
 
 def speed_baseline(df):
-    """The rows speed-ups are taken against: cuDNN where cuDNN ran, else torch_native."""
+    """The batch-norm modes' baseline: (name, its timed rows): cudnn where cuDNN ran, else
+    torch_native."""
     timed = df[(df["status"] == "ok") & df["median_ms"].notna()]
     cudnn = timed[(timed["impl"] == "cudnn") & (timed["backend"] == "cudnn")]
     if len(cudnn):
@@ -95,46 +108,54 @@ def speed_baseline(df):
     return "torch_native", timed[timed["impl"] == "torch_native"]
 
 
-KEYS = ["mode", "N", "C", "H", "W", "dtype", "layout"]
+KEYS = ["mode", "fusion", "N", "C", "H", "W", "dtype", "layout"]
 
 
 def with_speedup(df):
-    """`df` plus `speedup` (baseline median / row median, same case); and the baseline's name."""
+    """`df` plus ``speedup`` (baseline median / row median, same case) and ``baseline`` (the
+    baseline's impl name, per row's mode); and the batch-norm modes' baseline name."""
     import pandas as pd
 
+    from .impls import CONV_BASELINE
+
     name, base = speed_baseline(df)
+    timed = df[(df["status"] == "ok") & df["median_ms"].notna()]
+    base = pd.concat([base, timed[timed["impl"] == CONV_BASELINE]])
     base = base[KEYS + ["median_ms"]].rename(columns={"median_ms": "_base_ms"})
     out = df.merge(base, on=KEYS, how="left")
     out["speedup"] = out["_base_ms"] / out["median_ms"]
     out.loc[out["status"] != "ok", "speedup"] = pd.NA
+    out["baseline"] = out["mode"].map(lambda m: CONV_BASELINE if m == "conv_bn_eval" else name)
     return out.drop(columns="_base_ms"), name
 
 
 def summary(df):
-    """One line per (mode, dtype, layout, impl), over shapes and batch sizes.
+    """One line per (mode, fusion, dtype, layout, impl), over shapes and batch sizes.
 
     Columns: backend(s) seen; rows ok / all; median GB/s and percentage of the
-    copy bandwidth; geometric-mean speed-up over the baseline (same cases); the
-    worst max_abs_err and rel_l2_err over every quantity compared.
+    copy bandwidth; ``speedup``, the geometric-mean speed-up over the baseline
+    named in ``over`` (same cases); the worst max_abs_err and rel_l2_err over every
+    quantity compared.
     """
     import numpy as np
     import pandas as pd
 
     df = df.copy()
     df["worst_abs_err"], df["worst_rel_l2_err"] = worst_errors(df)
-    df, base_name = with_speedup(df)
+    df, _ = with_speedup(df)
     lines = []
-    for (mode, dtype, layout, impl), g in df.groupby(["mode", "dtype", "layout", "impl"],
-                                                      sort=False):
+    for (mode, fusion, dtype, layout, impl), g in df.groupby(
+            ["mode", "fusion", "dtype", "layout", "impl"], sort=False):
         ok = g[g["status"] == "ok"]
         speed = ok["speedup"].dropna()
         lines.append({
-            "mode": mode, "dtype": dtype, "layout": layout, "impl": impl,
+            "mode": mode, "fusion": fusion, "dtype": dtype, "layout": layout, "impl": impl,
             "backend": ",".join(sorted(set(ok["backend"].dropna().astype(str)))) or "-",
             "ok": f"{len(ok)}/{len(g)}",
             "GB/s": ok["gbps"].median(),
             "%copy_bw": 100 * ok["frac_copy_bw"].median() if "frac_copy_bw" in ok else np.nan,
-            f"x_vs_{base_name}": float(np.exp(np.log(speed).mean())) if len(speed) else np.nan,
+            "speedup": float(np.exp(np.log(speed).mean())) if len(speed) else np.nan,
+            "over": g["baseline"].iloc[0],
             "worst_abs_err": ok["worst_abs_err"].max(),
             "worst_rel_l2": ok["worst_rel_l2_err"].max(),
         })
@@ -149,7 +170,6 @@ def _number(spec):
 
 def format_summary(table):
     """The summary as text: speeds and ratios to 3 significant digits, errors as %.1e."""
-    fmt = {c: _number("{:.3g}") for c in table.columns
-           if c in ("GB/s", "%copy_bw") or c.startswith("x_vs_")}
+    fmt = {c: _number("{:.3g}") for c in table.columns if c in ("GB/s", "%copy_bw", "speedup")}
     fmt.update({c: _number("{:.1e}") for c in ("worst_abs_err", "worst_rel_l2")})
     return table.to_string(index=False, formatters=fmt, na_rep="-")

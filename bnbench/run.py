@@ -1,15 +1,18 @@
 """`bnbench run`: the sweep; one CSV row per implementation x case, a summary table, the plots.
 
-Cases are mode x shape x batch size x dtype x layout (``bnbench.cases``); the
-implementations are in ``bnbench.impls``; each case is run by ``bnbench.runner``.
+Cases are mode x shape x batch size x dtype x layout x fusion (``bnbench.cases``);
+the implementations are in ``bnbench.impls``; each case is run by ``bnbench.runner``.
 The CSV goes to ``<out>/<name>.csv`` (default name ``run_<sweep>_<device>``, e.g.
 ``run_quick_cpu``), written row by row; the PNGs (``bnbench.plot``) beside it.
 
 Presets (an option given on the command line wins over the preset):
     full   (default on a GPU) shapes resnet50, batch sizes 1,8,32,128,256,
-           dtypes float32,float16,bfloat16, layouts nchw,nhwc, every mode
+           dtypes float32,float16,bfloat16, layouts nchw,nhwc, modes train_fwd,
+           train_fwd_bwd, eval, fusion none
     quick  (--quick, and the default without a GPU) shapes quick, batch sizes 2,8,
-           dtypes float32,bfloat16, layouts nchw,nhwc, every mode
+           dtypes float32,bfloat16, layouts nchw,nhwc, the same modes, fusion none
+The opt-in mode conv_bn_eval (conv then eval BN: what folding saves) and the fusions
+relu and residual+relu run only when asked for (--modes, --fusions).
 
 Without a GPU the Triton rows are checked through Triton's interpreter (numerics
 only, time columns empty) and the CPU baselines are timed on ``--cpu-threads``
@@ -20,14 +23,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cases import DTYPE_ALIASES, DTYPES, LAYOUTS, MODES
+from .cases import ALL_MODES, DTYPE_ALIASES, DTYPES, FUSIONS, LAYOUTS, MODES
 from .shapes import SHAPE_SETS, parse_shapes
 
 PRESETS = {
     "full": dict(shapes=("resnet50", SHAPE_SETS["resnet50"]), batch_sizes=(1, 8, 32, 128, 256),
-                 dtypes=DTYPES, layouts=LAYOUTS, modes=MODES),
+                 dtypes=DTYPES, layouts=LAYOUTS, modes=MODES, fusions=("none",)),
     "quick": dict(shapes=("quick", SHAPE_SETS["quick"]), batch_sizes=(2, 8),
-                  dtypes=("float32", "bfloat16"), layouts=LAYOUTS, modes=MODES),
+                  dtypes=("float32", "bfloat16"), layouts=LAYOUTS, modes=MODES,
+                  fusions=("none",)),
 }
 
 
@@ -99,8 +103,12 @@ def add_parser(subparsers):
                    help=f"from {', '.join(DTYPES)} (default: all; float32,bfloat16 with --quick)")
     p.add_argument("--layouts", type=_choices("layouts", LAYOUTS), metavar="LAYOUTS",
                    help="nchw and/or nhwc (channels_last) (default: both)")
-    p.add_argument("--modes", type=_choices("modes", MODES), metavar="MODES",
-                   help=f"from {', '.join(MODES)} (default: all)")
+    p.add_argument("--modes", type=_choices("modes", ALL_MODES), metavar="MODES",
+                   help=f"from {', '.join(ALL_MODES)} (default: {','.join(MODES)}; "
+                        "conv_bn_eval times a 3x3 conv then the eval BN, unfolded and folded)")
+    p.add_argument("--fusions", type=_choices("fusions", FUSIONS), metavar="FUSIONS",
+                   help=f"what follows the BN, from {', '.join(FUSIONS)} (default: none); "
+                        "relu(bn(x) [+ r]) in one Triton kernel, as torch ops in the baselines")
     p.add_argument("--impls", type=_choices("implementations", tuple(IMPLS)), metavar="IMPLS",
                    help=f"from {', '.join(IMPLS)} (default: all that apply; cudnn only on a GPU)")
     p.add_argument("--out", type=Path, default=Path("results"),
@@ -145,8 +153,13 @@ def run_command(args):
     settings, label = resolve(args, device)
     chosen = [impls.IMPLS[name] for name in (args.impls or impls.default_impls(device))]
     cases = make_cases(settings["modes"], settings["shapes"], settings["batch_sizes"],
-                       settings["dtypes"], settings["layouts"])
+                       settings["dtypes"], settings["layouts"], settings["fusions"])
     total = sum(case.mode in impl.modes for case in cases for impl in chosen)
+    if total == 0:
+        print(f"bnbench run: error: none of the implementations "
+              f"{','.join(impl.name for impl in chosen)} runs the modes "
+              f"{','.join(settings['modes'])} (see 'bnbench run --help')", file=sys.stderr)
+        return 2
 
     if device == "cpu":
         torch.set_num_threads(args.cpu_threads)

@@ -3,9 +3,10 @@
 For each case: inputs and the float64 reference once; then per implementation,
 inside its context (cuDNN on or off):
 
-1. build the function, and call it once on fresh running statistics: that call
-   compiles/autotunes whatever needs it, and its outputs are compared with the
-   reference (``numerics``);
+1. build the function (in conv_bn_eval: and prepare it for the case's conv and
+   BN, e.g. fold them, untimed), and call it once on fresh running statistics:
+   that call compiles/autotunes whatever needs it, and its outputs are compared
+   with the reference (``numerics``);
 2. one more call under torch.profiler: the ``backend`` that ran ("unknown" if the
    profiler fails, with the reason in ``error``), and on CUDA the peak memory that
    call allocated beyond what was resident before it;
@@ -28,8 +29,10 @@ from .cases import gbps
 INTERPRETER_MAX_NUMEL = 1 << 18
 # Estimated bytes per element for a case on the GPU: x, dy, y, dx and grads in the
 # input dtype (element size E, up to 6 tensors), plus the float64 reference (x, dy,
-# y, dx and what autograd saves, up to 6 tensors of 8 bytes).
+# y, dx and what autograd saves, up to 6 tensors of 8 bytes); a residual adds r and
+# dr to both (FIT_RESIDUAL_TENSORS).  conv_bn_eval's conv weight counts apart.
 FIT_BYTES_PER_ELEMENT = (6, 6 * 8)
+FIT_RESIDUAL_TENSORS = 2
 FLUSH_BYTES = 256 << 20  # do_bench's L2-flush buffer
 
 
@@ -54,17 +57,21 @@ def one_line(exc):
 
 def case_fields(case):
     return dict(mode=case.mode, N=case.N, C=case.C, H=case.H, W=case.W, dtype=case.dtype,
-                layout=case.layout)
+                layout=case.layout, fusion=case.fusion)
 
 
 def fits_on_gpu(case):
     """None if the case should fit in the GPU's free memory, else why not."""
     import torch
 
-    from .cases import ELEMENT_SIZE
+    from .cases import CONV_KERNEL, ELEMENT_SIZE
 
-    per_element = FIT_BYTES_PER_ELEMENT[0] * ELEMENT_SIZE[case.dtype] + FIT_BYTES_PER_ELEMENT[1]
-    need = case.numel * per_element + FLUSH_BYTES
+    E = ELEMENT_SIZE[case.dtype]
+    per_element = FIT_BYTES_PER_ELEMENT[0] * E + FIT_BYTES_PER_ELEMENT[1]
+    if case.residual:
+        per_element += FIT_RESIDUAL_TENSORS * (E + 8)
+    weights = 2 * CONV_KERNEL ** 2 * case.C ** 2 * (E + 8) if case.conv else 0  # folded too
+    need = case.numel * per_element + weights + FLUSH_BYTES
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     free = torch.cuda.mem_get_info()[0] + cached
     if need > 0.9 * free:
@@ -77,22 +84,33 @@ def make_step(fn, case, inputs):
     """The timed call and the tensors whose grads are reset before each repetition.
 
     Inputs are allocated here, outside the timed region; the step updates its own
-    copies of the running statistics.
+    copies of the running statistics.  `fn` is what ``numerics.call`` takes.
     """
+    relu, residual = case.relu, inputs.residual
+    if case.conv:
+        x = inputs.x
+
+        def step():
+            fn(x, residual, relu)
+        return step, None
     running_mean, running_var = inputs.running_mean.clone(), inputs.running_var.clone()
     m, e = numerics.MOMENTUM, numerics.EPS
     if case.mode == "train_fwd_bwd":
         x, w, b = (t.detach().requires_grad_() for t in (inputs.x, inputs.weight, inputs.bias))
+        grads = [x, w, b]
+        if residual is not None:
+            residual = residual.detach().requires_grad_()
+            grads.append(residual)
         dy = inputs.dy
 
         def step():
-            fn(x, running_mean, running_var, w, b, True, m, e).backward(dy)
-        return step, [x, w, b]
+            fn(x, running_mean, running_var, w, b, True, m, e, residual, relu).backward(dy)
+        return step, grads
 
     x, w, b, training = inputs.x, inputs.weight, inputs.bias, case.training
 
     def step():
-        fn(x, running_mean, running_var, w, b, training, m, e)
+        fn(x, running_mean, running_var, w, b, training, m, e, residual, relu)
     return step, None
 
 
@@ -117,12 +135,14 @@ def run_impl(impl, case, inputs, ref, opts):
     try:
         with impl.context():
             fn = impl.build()
+            if case.conv:
+                fn = fn(inputs.conv, inputs.bn)  # e.g. fold: once per case, untimed
             out = numerics.call(fn, case, inputs, inputs.running_mean.clone(),
                                 inputs.running_var.clone())
             if isinstance(ref, str):
                 row["error"] = ref  # the error columns stay empty
             else:
-                row.update(numerics.compare(out, ref, case.mode))
+                row.update(numerics.compare(out, ref, case))
             del out
             step, grads = make_step(fn, case, inputs)
             if cuda:
@@ -131,7 +151,8 @@ def run_impl(impl, case, inputs, ref, opts):
                 torch.cuda.reset_peak_memory_stats()
             try:
                 ops, kernels = backends.observe(step, opts.device)
-                row["backend"] = backends.classify(ops, kernels, opts.device, opts.interpreted)
+                row["backend"] = backends.classify(ops, kernels, opts.device, opts.interpreted,
+                                                    conv=case.conv)
             except Exception as exc:  # e.g. no CUPTI: the row stays, its backend unknown
                 row.update(backend="unknown", error=f"backend not identified: {one_line(exc)}")
             if cuda:

@@ -26,7 +26,8 @@ REQUIRED_COLUMNS = ["device", "impl", "mode", "N", "C", "H", "W", "dtype", "layo
                     "peak_mem_mb", "torch_version", "triton_version", "cuda_version",
                     "git_commit", "timestamp", "status", "error", "frac_copy_bw", "copy_gbps",
                     "dx_max_abs_err", "dx_rel_l2_err", "dweight_rel_l2_err", "dbias_rel_l2_err",
-                    "running_mean_rel_l2_err", "running_var_rel_l2_err"]
+                    "running_mean_rel_l2_err", "running_var_rel_l2_err", "fusion",
+                    "dresidual_max_abs_err", "dresidual_rel_l2_err"]
 
 
 def _env():
@@ -52,6 +53,10 @@ def test_help_lists_the_commands(tmp_path):
     (["run", "--dtypes", "float7"], "float7"),
     (["run", "--layouts", "nchw,nwhc"], "nwhc"),
     (["run", "--modes", "inference"], "inference"),
+    (["run", "--modes", "eval,conv_bn_evaluation"], "conv_bn_evaluation"),
+    (["run", "--fusions", "relu6"], "relu6"),
+    (["run", "--fusions", "residual"], "residual"),
+    (["run", "--modes", "eval", "--impls", "conv+cudnn,folded"], "conv+cudnn,folded"),
     (["run", "--impls", "cudnn9"], "cudnn9"),
     (["run", "--shapes", "64x56"], "64x56"),
     (["run", "--warmup-ms", "-1"], "-1"),
@@ -97,6 +102,9 @@ def test_run_writes_one_row_per_impl_and_case(sweep):
     assert not df.duplicated(["impl", "mode", "N", "layout"]).any()
     assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["impl", "mode", "error"]]
     assert set(df["layout"]) == {"nchw", "nhwc"} and set(df["N"]) == {2, 3}
+    # the default sweep: no fusion, and no conv_bn_eval (opt-in)
+    assert set(df["mode"]) == {"train_fwd", "train_fwd_bwd", "eval"}
+    assert set(df["fusion"]) == {"none"} and df["dresidual_rel_l2_err"].isna().all()
     assert (df[["C", "H", "W"]] == [6, 5, 3]).all().all()
     for column in ["device", "torch_version", "triton_version", "git_commit", "timestamp"]:
         assert df[column].notna().all() and df[column].nunique() == 1, column
@@ -169,6 +177,41 @@ def test_summary_table_and_plots(sweep):
     assert BANNER_START not in redraw.stdout
     for png in pngs:
         assert png.stat().st_size > 10_000
+
+
+def test_fusions_and_conv_bn_eval(tmp_path):
+    # the default implementations: each runs the modes it has
+    out = bnbench("run", "--shapes", "4x5x3", "--batch-sizes", "2", "--dtypes", "float32",
+                  "--layouts", "nhwc", "--modes", "train_fwd_bwd,conv_bn_eval",
+                  "--fusions", "none,residual+relu", "--rep-ms", "5", "--warmup-ms", "1",
+                  "--name", "fused", "--out", ".", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    df = pd.read_csv(tmp_path / "fused.csv")
+    assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["impl", "mode", "error"]]
+    train = ["triton_two_pass", "triton_single_pass", "torch_native", "torch_compile"]
+    conv = ["conv+cudnn", "conv+triton_eval", "folded"]
+    for fusion in ["none", "residual+relu"]:
+        rows = df[df["fusion"] == fusion].groupby("mode")["impl"].apply(sorted)
+        assert rows["train_fwd_bwd"] == sorted(train + (["cudnn"] if CUDA else []))
+        assert rows["conv_bn_eval"] == sorted(conv)
+    # float32 against float64: small, never exactly zero
+    assert (df["rel_l2_err"] > 0).all() and (df["rel_l2_err"] < 1e-5).all()
+    fused_bwd = df[(df["mode"] == "train_fwd_bwd") & (df["fusion"] == "residual+relu")]
+    assert (fused_bwd[["dx_rel_l2_err", "dresidual_rel_l2_err"]] < 1e-5).all().all()
+    assert df[df["fusion"] == "none"]["dresidual_rel_l2_err"].isna().all()
+    convs = df[df["mode"] == "conv_bn_eval"].set_index(["fusion", "impl"])
+    assert convs["backend"].str.startswith("conv:").all()
+    assert convs.loc[("none", "folded"), "backend"].endswith("+bn:none")
+    for fusion in ["none", "residual+relu"]:  # folding keeps the error of the same order
+        assert convs.loc[(fusion, "folded"), "rel_l2_err"] \
+            < 10 * convs.loc[(fusion, "conv+cudnn"), "rel_l2_err"]
+    timed = convs.loc[[(f, i) for f in ["none", "residual+relu"] for i in ["conv+cudnn",
+                                                                           "folded"]]]
+    assert (timed["median_ms"] > 0).all()
+    assert convs["median_ms"].isna().sum() == (0 if CUDA else 2)  # conv+triton_eval on CPU
+    assert "conv_bn_eval residual+relu" in " ".join(out.stdout.split())
+    for kind in ("throughput", "speedup", "error"):
+        assert (tmp_path / f"fused_{kind}.png").stat().st_size > 10_000
 
 
 def test_failing_case_is_recorded_and_the_sweep_goes_on(tmp_path):

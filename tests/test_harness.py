@@ -1,8 +1,10 @@
 """The harness's parts, in process: shapes, bytes, errors, backend labels, the runner, the CSV.
 
-The runner test runs the real kernels (compiled on a GPU, interpreted on CPU) on
-one tiny case, next to an implementation that is deliberately wrong and one
-that raises, so that the error columns and the error handling can be seen to work.
+The runner tests run the real kernels (compiled on a GPU, interpreted on CPU) on
+tiny cases, next to implementations that are deliberately wrong (an offset, a
+fusion left out, a BN not folded) and one that raises, so that the error columns
+and the error handling can be seen to work.  The float64 references of the fused
+and conv_bn_eval cases are checked against the formulas written out here.
 """
 
 import argparse
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 import kernels
 from bnbench import backends, numerics, report, runner
 from bnbench.cases import Case, gbps, make_cases
-from bnbench.impls import IMPLS, Impl
+from bnbench.impls import CONV_MODES, IMPLS, Impl
 from bnbench.shapes import SHAPE_SETS, parse_shapes, resnet50_bn_shapes
 from helpers import TOL
 
@@ -52,6 +54,21 @@ def test_cases_and_bytes_formula():
     assert Case("eval", 2, 3, 4, 5, "bfloat16", "nchw").bytes_moved == 2 * 120 * 2
     assert gbps(Case("eval", 2, 3, 4, 5, "float32", "nchw"), 1e-3) == pytest.approx(0.96)
     assert gbps(Case("eval", 2, 3, 4, 5, "float32", "nchw"), None) is None
+    # fusions: relu moves nothing more; a residual is read (and dr written in fwd_bwd)
+    assert Case("train_fwd", 2, 3, 4, 5, "float32", "nchw", "relu").bytes_moved == 2 * 120 * 4
+    assert Case("eval", 2, 3, 4, 5, "float32", "nchw", "residual+relu").bytes_moved \
+        == 3 * 120 * 4
+    assert Case("train_fwd_bwd", 2, 3, 4, 5, "bfloat16", "nhwc", "residual+relu").bytes_moved \
+        == 7 * 120 * 2
+    # conv_bn_eval: x, y and the 3x3 conv's 3 x 3 x 3 x 3 weight
+    assert Case("conv_bn_eval", 2, 3, 4, 5, "float16", "nchw").bytes_moved == (240 + 81) * 2
+    assert Case("conv_bn_eval", 2, 3, 4, 5, "float32", "nchw", "residual+relu").bytes_moved \
+        == (360 + 81) * 4
+    fused = make_cases(["eval", "conv_bn_eval"], [(3, 4, 5)], [2], ["float32"], ["nchw"],
+                       ["none", "relu"])
+    assert [(c.fusion, c.mode) for c in fused] == [("none", "eval"), ("none", "conv_bn_eval"),
+                                                   ("relu", "eval"), ("relu", "conv_bn_eval")]
+    assert make_cases(["eval"], [(3, 4, 5)], [2], ["float32"], ["nchw"])[0].fusion == "none"
 
 
 def test_errors_against_hand_computed_values():
@@ -88,8 +105,30 @@ def test_backend_labels(ops, kernel_names, device, interpreted, expected):
     assert backends.classify(ops, kernel_names, device, interpreted) == expected
 
 
+CUDNN_CONV = "cudnn::cnn::conv2d_grouped_direct_kernel<float, float, float, float, float>"
+
+
+@pytest.mark.parametrize("ops, kernel_names, device, interpreted, expected", [
+    ({"aten::conv2d", "aten::cudnn_convolution", "aten::cudnn_batch_norm"},
+     {CUDNN_CONV, CUDNN_FWD}, "cuda", False, "conv:cudnn+bn:cudnn"),
+    # a folded conv: cuDNN's conv kernel must not pass for a cuDNN batch norm
+    ({"aten::conv2d", "aten::cudnn_convolution"}, {CUDNN_CONV}, "cuda", False,
+     "conv:cudnn+bn:none"),
+    ({"aten::cudnn_convolution", "bnbench::batch_norm_eval"}, {CUDNN_CONV, "_bn_eval_kernel"},
+     "cuda", False, "conv:cudnn+bn:triton"),
+    ({"aten::conv2d", "aten::mkldnn_convolution", "aten::native_batch_norm"}, set(), "cpu",
+     False, "conv:onednn+bn:aten_cpu"),
+    ({"aten::_slow_conv2d_forward", "bnbench::batch_norm_eval"}, set(), "cpu", True,
+     "conv:aten+bn:triton_interpreter"),
+    ({"aten::add"}, set(), "cpu", False, "conv:unknown+bn:none"),
+])
+def test_conv_backend_labels(ops, kernel_names, device, interpreted, expected):
+    assert backends.classify(ops, kernel_names, device, interpreted, conv=True) == expected
+
+
 def _broken_build():
-    def fn(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    def fn(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
+           relu=False):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
                             eps) + 0.01
     return fn
@@ -146,6 +185,149 @@ def test_runner_rows_errors_and_failures():
     assert "median_ms" not in rows["failing"]
 
 
+def _fusion_dropped(drop):
+    """A build that computes the fused op but leaves `drop` ("relu" or "residual") out."""
+    def build():
+        def fn(x, running_mean, running_var, weight, bias, training, momentum, eps,
+               residual=None, relu=False):
+            y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+            if residual is not None and drop != "residual":
+                y = y + residual
+            return torch.relu(y) if relu and drop != "relu" else y
+        return fn
+    return build
+
+
+NO_RELU = Impl("no_relu", "baseline", ("train_fwd_bwd", "eval"), _fusion_dropped("relu"),
+               _no_check)
+NO_RESIDUAL = Impl("no_residual", "baseline", ("train_fwd_bwd", "eval"),
+                   _fusion_dropped("residual"), _no_check)
+
+
+def _f64_batch_norm(case, inputs):
+    """relu(bn(x) + r) written out in float64: y, and the batch's mean and biased variance."""
+    x = inputs.x.double()
+    if case.training:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    else:
+        var, mean = inputs.running_var.double(), inputs.running_mean.double()
+    y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + numerics.EPS)
+    y = y * inputs.weight.double().view(1, -1, 1, 1) + inputs.bias.double().view(1, -1, 1, 1)
+    if inputs.residual is not None:
+        y = y + inputs.residual.double()
+    return torch.relu(y) if case.relu else y
+
+
+@pytest.mark.parametrize("mode", ["train_fwd_bwd", "eval"])
+def test_fused_reference_is_relu_of_bn_plus_residual(mode):
+    case = Case(mode, 3, 5, 9, 7, "bfloat16", "nhwc", "residual+relu")
+    inputs = numerics.make_inputs(case, DEVICE)
+    assert inputs.residual.dtype == torch.bfloat16
+    assert inputs.residual.is_contiguous(memory_format=torch.channels_last)
+    ref = numerics.reference(case, inputs)
+    torch.testing.assert_close(ref["y"], _f64_batch_norm(case, inputs), rtol=1e-12, atol=1e-12)
+    assert (ref["y"] == 0).float().mean() > 0.2  # relu clips a good part of the values
+    if mode == "train_fwd_bwd":
+        # dr = dy where relu passes, 0 where it clips
+        dy = inputs.dy.double()
+        torch.testing.assert_close(ref["dresidual"], torch.where(ref["y"] > 0, dy, 0.0))
+    plain = numerics.reference(Case(mode, 3, 5, 9, 7, "bfloat16", "nhwc"), inputs)
+    assert (ref["y"] - plain["y"]).abs().max() > 0.5  # the fusion changes y a lot
+
+
+@pytest.mark.parametrize("mode, triton", [("train_fwd_bwd", "triton_single_pass"),
+                                          ("eval", "triton_eval")])
+def test_fused_rows_errors_and_a_dropped_fusion(mode, triton):
+    case = Case(mode, 3, 5, 9, 7, "float32", "nchw", "residual+relu")  # odd sizes
+    opts = runner.Options(device=DEVICE, interpreted=kernels.INTERPRETED, warmup_ms=1, rep_ms=5)
+    impls = [IMPLS[triton], IMPLS["torch_native"], NO_RELU, NO_RESIDUAL]
+    rows = {row["impl"]: row for row in runner.run_case(case, impls, opts)}
+    tol = TOL[torch.float32]
+    quantities = numerics.quantities(case)
+    assert ("dresidual" in quantities) == (mode == "train_fwd_bwd")
+    for name in [triton, "torch_native"]:
+        row = rows[name]
+        assert row["status"] == "ok" and row["fusion"] == "residual+relu", row.get("error")
+        for q in quantities:
+            max_abs, rel_l2 = (row[c] for c in numerics.error_columns(q))
+            assert 0 <= max_abs < 100 * tol["atol"], (name, q, max_abs)
+            assert 0 <= rel_l2 < 100 * tol["rtol"], (name, q, rel_l2)
+        assert row["rel_l2_err"] > 0
+    assert rows["torch_native"]["gbps"] == pytest.approx(
+        case.bytes_moved / rows["torch_native"]["median_ms"] / 1e6)
+    # leaving the relu out shows in y (and in dr, dx)
+    assert rows["no_relu"]["status"] == "ok"
+    assert rows["no_relu"]["max_abs_err"] > 0.5 and rows["no_relu"]["rel_l2_err"] > 0.1
+    if mode == "train_fwd_bwd":
+        assert rows["no_relu"]["dresidual_rel_l2_err"] > 0.1
+        assert rows["no_relu"]["dx_rel_l2_err"] > 0.1
+        # leaving the residual out leaves it without a gradient: the row fails
+        assert rows["no_residual"]["status"] == "error"
+        assert "returned no value" in rows["no_residual"]["error"]
+    else:  # or shows in y
+        assert rows["no_residual"]["status"] == "ok"
+        assert rows["no_residual"]["max_abs_err"] > 0.5
+        assert rows["no_residual"]["rel_l2_err"] > 0.1
+
+
+def _unfolded_build():
+    """conv_bn_eval done wrong: the conv without its batch norm."""
+    def prepare(conv, bn):
+        def fn(x, residual=None, relu=False):
+            return conv(x)
+        return fn
+    return prepare
+
+
+UNFOLDED = Impl("bn_forgotten", "baseline", CONV_MODES, _unfolded_build, _no_check)
+
+
+@pytest.mark.parametrize("dtype, fusion", [("float32", "none"), ("bfloat16", "residual+relu")])
+def test_conv_bn_eval_rows(dtype, fusion):
+    case = Case("conv_bn_eval", 2, 5, 9, 7, dtype, "nhwc", fusion)  # odd sizes
+    inputs = numerics.make_inputs(case, DEVICE)
+    conv, bn = inputs.conv, inputs.bn
+    assert conv.weight.dtype == getattr(torch, dtype) and not bn.training
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # running statistics near the conv output's own, never ~0
+    with torch.no_grad():
+        z = conv(inputs.x).double()
+    var = z.var(dim=(0, 2, 3), correction=0)
+    assert (bn.running_var > 0.01).all()
+    assert ((bn.running_var / var) > 0.7).all() and ((bn.running_var / var) < 1.4).all()
+    # the reference, written out: bn(conv(x)) [+ r, relu] in float64
+    z64 = F.conv2d(inputs.x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    y64 = (z64 - bn.running_mean.double().view(1, -1, 1, 1)) \
+        / torch.sqrt(bn.running_var.double().view(1, -1, 1, 1) + bn.eps) \
+        * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1)
+    if case.residual:
+        y64 = torch.relu(y64 + inputs.residual.double())
+    torch.testing.assert_close(numerics.reference(case, inputs)["y"], y64, rtol=1e-12,
+                               atol=1e-12)
+
+    opts = runner.Options(device=DEVICE, interpreted=kernels.INTERPRETED, warmup_ms=1, rep_ms=5)
+    impls = [IMPLS["conv+cudnn"], IMPLS["conv+triton_eval"], IMPLS["folded"], UNFOLDED]
+    rows = {row["impl"]: row for row in runner.run_case(case, impls, opts)}
+    tol = TOL[getattr(torch, dtype)]
+    for name in ["conv+cudnn", "conv+triton_eval", "folded"]:
+        row = rows[name]
+        assert row["status"] == "ok", row.get("error")
+        assert 0 < row["max_abs_err"] < 100 * tol["atol"], (name, row["max_abs_err"])
+        assert 0 < row["rel_l2_err"] < 10 * tol["rtol"], (name, row["rel_l2_err"])
+        assert row["backend"].startswith("conv:") and "conv:unknown" not in row["backend"]
+    # folding rounds the scaled weights once: the error stays of the same order
+    assert rows["folded"]["rel_l2_err"] < 10 * rows["conv+cudnn"]["rel_l2_err"]
+    assert rows["folded"]["backend"].endswith("+bn:none")
+    assert rows["conv+triton_eval"]["backend"].endswith(
+        "+bn:triton_interpreter" if kernels.INTERPRETED else "+bn:triton")
+    assert rows["bn_forgotten"]["rel_l2_err"] > 0.1
+    for name in ["conv+cudnn", "folded"]:
+        assert rows[name]["median_ms"] > 0
+        assert rows[name]["gbps"] == pytest.approx(case.bytes_moved / rows[name]["median_ms"]
+                                                   / 1e6)
+    assert ("median_ms" in rows["conv+triton_eval"]) != kernels.INTERPRETED
+
+
 def test_interpreter_size_limit_skips_triton_rows_only():
     big = Case("eval", 1, 2, runner.INTERPRETER_MAX_NUMEL, 1, "float32", "nchw")
     opts = runner.Options(device=DEVICE, interpreted=True)
@@ -167,10 +349,10 @@ def test_csv_writer_flushes_each_row(tmp_path):
     writer.close()
 
 
-def _row(impl, backend, N, ms, status="ok"):
-    return dict(impl=impl, backend=backend, mode="eval", N=N, C=3, H=4, W=5, dtype="float32",
-                layout="nchw", status=status, median_ms=ms, gbps=1.0, max_abs_err=1e-7,
-                rel_l2_err=1e-8, frac_copy_bw=0.5)
+def _row(impl, backend, N, ms, status="ok", mode="eval", fusion="none"):
+    return dict(impl=impl, backend=backend, mode=mode, N=N, C=3, H=4, W=5, dtype="float32",
+                layout="nchw", fusion=fusion, status=status, median_ms=ms, gbps=1.0,
+                max_abs_err=1e-7, rel_l2_err=1e-8, frac_copy_bw=0.5)
 
 
 def test_speedup_only_over_rows_where_cudnn_ran():
@@ -179,15 +361,30 @@ def test_speedup_only_over_rows_where_cudnn_ran():
         _row("cudnn", "cudnn", 2, 2.0), _row("triton_eval", "triton", 2, 0.5),
         # PyTorch routed this cudnn row to ATen: no speed-up is taken against it
         _row("cudnn", "aten_native", 4, 1.0), _row("triton_eval", "triton", 4, 0.25),
+        # a fused case is held against the cudnn row of the same fusion only
+        _row("cudnn", "cudnn", 1, 3.0, fusion="relu"),
+        _row("triton_eval", "triton", 1, 1.0, fusion="relu"),
+        # conv_bn_eval: against conv+cudnn, whatever ran its batch norm
+        _row("conv+cudnn", "conv:onednn+bn:aten_cpu", 1, 5.0, mode="conv_bn_eval"),
+        _row("folded", "conv:onednn+bn:none", 1, 4.0, mode="conv_bn_eval"),
     ]).reindex(columns=list(report.COLUMNS))
     out, base = report.with_speedup(df)
     assert base == "cudnn"
-    triton = out[out["impl"] == "triton_eval"].set_index("N")["speedup"]
+    plain = out[out["fusion"] == "none"]
+    triton = plain[plain["impl"] == "triton_eval"].set_index("N")["speedup"]
     assert triton[1] == pytest.approx(2.0) and triton[2] == pytest.approx(4.0)
     assert pd.isna(triton[4])
-    table = report.summary(df).set_index("impl")
-    assert table.loc["triton_eval", "x_vs_cudnn"] == pytest.approx(math.sqrt(8.0))
-    assert table.loc["cudnn", "backend"] == "aten_native,cudnn"
+    relu = out[(out["fusion"] == "relu") & (out["impl"] == "triton_eval")]
+    assert relu["speedup"].tolist() == [pytest.approx(3.0)]
+    folded = out[out["impl"] == "folded"]
+    assert folded["speedup"].tolist() == [pytest.approx(1.25)]
+    assert folded["baseline"].tolist() == ["conv+cudnn"]
+    table = report.summary(df).set_index(["fusion", "impl"])
+    assert table.loc[("none", "triton_eval"), "speedup"] == pytest.approx(math.sqrt(8.0))
+    assert table.loc[("none", "triton_eval"), "over"] == "cudnn"
+    assert table.loc[("none", "cudnn"), "backend"] == "aten_native,cudnn"
+    assert table.loc[("none", "folded"), "over"] == "conv+cudnn"
+    assert table.loc[("none", "folded"), "speedup"] == pytest.approx(1.25)
 
 
 def test_profiler_failure_leaves_the_row_with_an_unknown_backend(monkeypatch):

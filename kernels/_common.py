@@ -108,7 +108,12 @@ def _merge_sums(part_ptr, ch, C, split, CHANNELS_LAST: tl.constexpr, BLOCK_SPLIT
 @triton.jit
 def _merge_welford(count_ptr, mean_ptr, m2_ptr, ch, C, split,
                    CHANNELS_LAST: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
-    """Chan-merge the `split` (count, mean, M2) partials of channels `ch`; returns (mean, M2)."""
+    """Merge the `split` (count, mean, M2) partials of channels `ch`; returns (mean, M2).
+
+    A block of partials merges in closed form, the k-way form of Chan's formula:
+    n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + sum n_i (mean_i - mean)^2
+    (the means are of x - pivot, so small); blocks then Chan-merge in order.
+    """
     mask_c = ch < C
     acc_ty = mean_ptr.dtype.element_ty
     mean = _per_channel_zero(ch, acc_ty, CHANNELS_LAST)
@@ -118,13 +123,25 @@ def _merge_welford(count_ptr, mean_ptr, m2_ptr, ch, C, split,
         s = s0 + tl.arange(0, BLOCK_SPLIT)
         mask = _split_mask(s < split, mask_c, CHANNELS_LAST)
         offs = _split_offsets(s, ch, C, CHANNELS_LAST)
-        # masked partials are empty summaries (count 0), which the merge ignores
+        # masked partials are empty summaries (count 0), which add nothing
         b_n = tl.load(count_ptr + offs, mask=mask, other=0.0)
         b_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
         b_m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0)
-        b_mean, b_m2, b_n = tl.reduce((b_mean, b_m2, b_n), 0, _chan_combine)
-        mean, m2, count = _chan_combine(mean, m2, count, b_mean, b_m2, b_n)
+        n = tl.sum(b_n, axis=0)
+        block_mean = tl.sum(b_n * b_mean, axis=0) / tl.maximum(n, 1.0)
+        d = b_mean - _split_bcast(block_mean, CHANNELS_LAST)
+        block_m2 = tl.sum(b_m2 + b_n * d * d, axis=0)
+        mean, m2, count = _chan_combine(mean, m2, count, block_mean, block_m2, n)
     return mean, m2
+
+
+@triton.jit
+def _split_bcast(v, CHANNELS_LAST: tl.constexpr):
+    """Broadcast a per-channel value over a [split block, channels] block of partials."""
+    if CHANNELS_LAST:
+        return v[None, :]
+    else:
+        return v
 
 
 @triton.jit

@@ -25,7 +25,8 @@ merge as they are):
 
 Single-launch path: when a channel group's whole plane fits in one tile
 (kernels._layout), one launch reads x once into registers, computes the
-statistics there (single_pass: exact summaries of row blocks merged with Chan's formula;
+statistics there (single_pass: exact summaries of row blocks merged with Chan's formula
+in its k-way form;
 two_pass: mean, then centred sum of squares) and writes y.
 
 Eval (or frozen statistics): one launch, x read once, y written once, with
@@ -269,7 +270,8 @@ def _bn_fwd_fused_kernel(
 @triton.jit
 def _blocks_chan_merged(xs, mask, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                         BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr):
-    """Per-channel (mean, M2) of a tile: exact (count, mean, M2) of row blocks, Chan-merged.
+    """Per-channel (mean, M2) of a tile: exact (count, mean, M2) of row blocks, merged with
+    the k-way form of Chan's formula (see _merge_welford).
 
     NCHW: each row (one n) is a block; NHWC: the rows fall into NB blocks per channel.
     """
@@ -280,14 +282,20 @@ def _blocks_chan_merged(xs, mask, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr
         n = tl.sum(mb, 1)
         mean = tl.sum(xb, 1) / tl.maximum(n, 1.0)
         d = tl.where(mb > 0, xb - mean[:, None, :], 0.0)
+        m2 = tl.sum(d * d, 1)
+        total = tl.sum(n, 0)
+        merged_mean = tl.sum(n * mean, 0) / tl.maximum(total, 1.0)
+        dm = mean - merged_mean[None, :]
     else:
         mb = mask.to(ACC)
         n = tl.sum(mb, 1)
         mean = tl.sum(xs, 1) / tl.maximum(n, 1.0)
         d = tl.where(mask, xs - mean[:, None], 0.0)
-    m2 = tl.sum(d * d, 1)
-    mean, m2, n = tl.reduce((mean, m2, n), 0, _chan_combine)
-    return mean, m2
+        m2 = tl.sum(d * d, 1)
+        total = tl.sum(n, 0)
+        merged_mean = tl.sum(n * mean, 0) / tl.maximum(total, 1.0)
+        dm = mean - merged_mean
+    return merged_mean, tl.sum(m2 + n * dm * dm, 0)
 
 
 @triton.jit

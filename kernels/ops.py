@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _interpreter
 from . import forward as _fwd
 from ._layout import empty_output
 from .backward import bn_backward
@@ -33,6 +34,8 @@ from .forward import STATS_MODES, acc_dtype, bn_forward_eval, bn_forward_train
 
 ACTIVATIONS = (None, "relu")
 INTERPRETED = type(_fwd._bn_fwd_apply_kernel).__name__ == "InterpretedFunction"
+if INTERPRETED:
+    _interpreter.install()  # skips the interpreter's redundant re-patching (speed only)
 
 
 def uses_triton(t):

@@ -332,6 +332,8 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
         emit(epoch, step, "train_acc", 100.0 * correct / len(y_train))
         emit(epoch, step, "test_acc", accuracy(model, x_test, y_test, batch_size))
         emit(epoch, step, "epoch_time_s", epoch_time)
+        if max_steps is not None and step >= max_steps:
+            break  # the cap fell on an epoch's end
     emit(epoch, step, "step_time_s", train_time / step)
     return model, rows
 
@@ -670,10 +672,12 @@ def draw(csv_path, out_dir):
                 continue
             style = {k: val for k, val in STYLE[v].items() if k not in ("marker", "ms")}
             ax.plot(path.w1, path.w2, label=f"{v} ({len(path)} steps)", lw=1.0, **style)
+        path = steps[steps.variant == variant].sort_values("step")
+        if len(path):
             ax.plot(path.w1.iloc[0], path.w2.iloc[0], "o", color="white", mec="black")
             ax.plot(path.w1.iloc[-1], path.w2.iloc[-1], "*", color="white", mec="black", ms=12)
         ax.set(title=f"three convs, {'no BN' if variant == 'no_bn' else 'with BN'}: two "
-                     "last-conv weights, step by step (o start, * end)",
+                     f"last-conv weights, step by step (o start, * end of {variant})",
                xlabel="w1 = conv3.weight[3, 13, 1, 0]", ylabel="w2 = conv3.weight[3, 14, 1, 0]")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8, loc="best")

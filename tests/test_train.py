@@ -162,6 +162,10 @@ def test_step_cap_stops_kernels_variants_and_keeps_the_data_order(device):
     assert not [r for r in capped if r["metric"] in T.EPOCH_METRICS]
     at = [r for r in full + capped if r["metric"] == "test_acc_at_step"]
     assert [r["step"] for r in at] == [2, 2] and at[0]["value"] == at[1]["value"]
+    # a cap on an epoch's end: that epoch is complete, and no step follows it
+    _, one_epoch = T.train_variant(exp, "no_bn", data, 2, device, max_steps=3)
+    assert [r["step"] for r in one_epoch if r["metric"] == "step_loss"] == [1, 2, 3]
+    assert [r["epoch"] for r in one_epoch if r["metric"] == "test_acc"] == [1]
 
 
 def test_command_from_another_directory_writes_csv_plots_and_summary(tmp_path):

@@ -37,11 +37,14 @@ The PNGs are drawn from the CSV alone (:func:`draw`): ``test_accuracy.png`` and
 ``train_loss.png`` (the seed's figures 6 and 7, one line per variant) and ``weight_path.png``
 (figure 8: the path of (w1, w2) over the contours of ``surface_loss``, no BN against BN).
 
-Without CUDA the kernels run through Triton's interpreter: one training step of the three-conv
-network (batch 32) takes about 35 s there on a 2-core CPU, against about 15 ms with torch's
-BatchNorm, so ``--kernel-steps`` stops the kernels variants after their first steps (the same
-batches the torch variants start with; the torch variants run every epoch) and ``--quick``
-trains on 10 images for one epoch.
+Without CUDA the kernels run through Triton's interpreter, whose time goes on Python work per
+program and per tile.  The launches are then planned for it (``kernels.set_interpreter_plans``:
+the same kernels in a few programs with large tiles; column ``kernel_plans`` =
+``interpreter-fast``): a training step of the three-conv network (batch 32) takes about 1.5 s on
+a 2-core CPU, against about 35 s with the 512-program plans of an H100 (``--gpu-plans``) and
+15 ms with torch's BatchNorm.  ``--kernel-steps`` can stop the kernels variants after their
+first steps (the same batches the torch variants start with), and ``--quick`` trains on 10
+images for one epoch.
 """
 
 import argparse
@@ -65,7 +68,8 @@ QUICK = dict(train_size=10, test_size=10, epochs=1, lenet_epochs=1, grid=7)
 FULL_GRID = 21
 
 RUN_FIELDS = ("timestamp", "git_commit", "device", "device_type", "torch_version",
-              "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32")
+              "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
+              "kernel_plans")
 ROW_FIELDS = ("experiment", "variant", "bn", "epoch", "step", "metric", "value", "w1", "w2")
 COLUMNS = RUN_FIELDS + ROW_FIELDS
 EPOCH_METRICS = ("train_loss", "train_acc", "test_acc", "epoch_time_s")
@@ -395,7 +399,11 @@ def add_arguments(p):
     p.add_argument("--kernel-steps", type=_nonnegative_int, default=None,
                    help="stop the kernels variants after this many steps, the first batches "
                         "the torch variants see (default: no limit; 0 leaves them out). "
-                        "Through Triton's interpreter a three_convs step takes about 35 s")
+                        "Through Triton's interpreter a three_convs step takes about 1.5 s")
+    p.add_argument("--gpu-plans", action="store_true",
+                   help="through the interpreter, launch the kernels with the programs and "
+                        "tiles an H100 would get (about 35 s a three_convs step) instead of "
+                        "few programs with large tiles (the default without CUDA)")
     p.add_argument("--train-size", type=_positive_int, default=None,
                    help="train on a stratified subset of this many images (default: all 1437)")
     p.add_argument("--test-size", type=_positive_int, default=None,
@@ -467,12 +475,15 @@ def train_command(args):
     runs, sizes, grid = plan(args)
     tf32 = environment.pin_tf32() if device == "cuda" else "n/a (cpu)"
     run_fields = environment.collect(device, bool(kernels.INTERPRETED), tf32)
+    fast_plans = device == "cpu" and not args.gpu_plans
+    kernels.set_interpreter_plans(fast_plans)
+    run_fields["kernel_plans"] = "interpreter-fast" if fast_plans else "gpu"
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "train.csv"
     data = {name: load_digits_split(exp.image_size, **sizes) for name, exp in EXPERIMENTS.items()}
     print(f"bnbench train: {len(data['three_convs'][1])} training / "
           f"{len(data['three_convs'][3])} test digits; device {run_fields['device']}, "
-          f"Triton {run_fields['triton_mode']}", flush=True)
+          f"Triton {run_fields['triton_mode']}, {run_fields['kernel_plans']} plans", flush=True)
     # every variant is also tested where the kernels variants stop, for a like-for-like figure
     eval_steps = {args.kernel_steps} if args.kernel_steps else set()
     wall = time.perf_counter()
@@ -589,7 +600,7 @@ TITLES = {"three_convs": "seed 000: three convs, SGD lr 0.001, batch 32",
 def _footer(fig, df):
     first = df.iloc[0]
     fig.text(0.01, 0.005, f"{first.device} | torch {first.torch_version} | triton "
-             f"{first.triton_version} ({first.triton_mode}) | commit {str(first.git_commit)[:12]} "
+             f"{first.triton_version} ({first.triton_mode}, {first.kernel_plans} plans) | commit {str(first.git_commit)[:12]} "
              f"| {first.timestamp}", fontsize=7, color="gray")
 
 

@@ -7,6 +7,7 @@ Public API:
     convert_batchnorm(module, **kwargs)
     fold_conv_bn(conv, bn), fold_batchnorm(model, inplace=False), BatchNormInference
     set_autotune(enabled): try num_warps 4/8/16 per shape (also BNBENCH_AUTOTUNE=1)
+    set_interpreter_plans(fast): few programs and large tiles for interpreted (CPU) launches
 
 On CPU the kernels run through Triton's interpreter when TRITON_INTERPRET=1 is set
 before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
@@ -14,9 +15,10 @@ before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
 
 from .fold import BatchNormInference, FoldRecord, FoldReport, fold_batchnorm, fold_conv_bn
 from .modules import BatchNorm2d, convert_batchnorm
+from ._layout import set_interpreter_plans
 from ._tuning import set_autotune
 from .ops import INTERPRETED, batch_norm, uses_triton
 
 __all__ = ["BatchNorm2d", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
-           "set_autotune", "BatchNormInference", "FoldRecord", "FoldReport", "fold_batchnorm",
+           "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord", "FoldReport", "fold_batchnorm",
            "fold_conv_bn"]

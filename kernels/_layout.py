@@ -41,6 +41,15 @@ program of the next launch.
   MIN_TILE_ELEMS while that is needed to reach the target.
 * Without CUDA (the interpreter), plans are made for an H100 (132 SMs) so the
   programs the interpreter counts are those a real launch would have.
+* Fast interpreter plans (``kernels.set_interpreter_plans(fast=True)``, off by
+  default): the interpreter's time goes on Python work per program and per
+  tile, not on bytes, so for CPU tensors the plan then targets one SM and takes
+  tiles of up to FAST_TILE_ELEMS elements (whole spatial rows up to 4096):
+  (32, 16, 32, 32) runs in 16 programs of one tile instead of 512 programs, and
+  a training forward + backward in about 0.5 s instead of 12 s.  The kernels'
+  code is the same; only block sizes and the split change.  CUDA tensors always
+  get the GPU plan.  ``bnbench train`` uses it; the tests and ``bnbench
+  traffic`` keep the GPU plans, whose programs they count.
 
 Single-launch path (training)
 -----------------------------
@@ -71,6 +80,22 @@ MAX_BLOCK_SPLIT = 64
 FUSED_MAX_ELEMS = 4096  # single-launch path: a channel group's whole plane in one tile
 ELEMS_PER_THREAD = 8  # per thread and tile, at least: 16-byte vectors even for 16-bit types
 FILL_WAVES = 2  # programs per SM below which a launch leaves an H100 partly idle
+FAST_TILE_ELEMS = 1 << 17  # fast interpreter plans: tiles of up to 131072 elements
+FAST_BLOCK_COL = 4096  # ... and NCHW column blocks of whole spatial rows up to this
+_fast_interpreter_plans = False
+
+
+def set_interpreter_plans(fast):
+    """Plan CPU (interpreted) launches for the interpreter's speed (`fast=True`: few
+    programs, large tiles) or as an H100 launch would be (`fast=False`, the default).
+    Returns the previous setting.  CUDA launches are not affected."""
+    global _fast_interpreter_plans
+    previous, _fast_interpreter_plans = _fast_interpreter_plans, bool(fast)
+    return previous
+
+
+def _fast(device):
+    return _fast_interpreter_plans and device.type != "cuda"
 
 
 @dataclass(frozen=True)
@@ -109,9 +134,10 @@ class Plan:
 
 
 def num_sms(device):
+    """SMs the plan fills: the GPU's; an H100's for the interpreter (1 with fast plans)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return H100_SMS
+    return 1 if _fast(device) else H100_SMS
 
 
 def _spatial(t):
@@ -201,9 +227,11 @@ def empty_output(x):
     return empty_for(x.shape, channels_last, x.dtype, x.device)
 
 
-def _nchw_block_col(hw):
+def _nchw_block_col(hw, fast=False):
     """Widest power-of-two block of a spatial row (64..1024) that pads it by at most 1/8;
-    for small rows, the whole row."""
+    for small rows, the whole row (with fast interpreter plans, rows up to FAST_BLOCK_COL)."""
+    if fast:
+        return min(triton.next_power_of_2(max(hw, 1)), FAST_BLOCK_COL)
     for cand in (1024, 512, 256, 128, 64):
         if cand < hw and triton.cdiv(hw, cand) * cand - hw <= hw // 8:
             return cand
@@ -281,11 +309,12 @@ def _general_plan(x, channels_last, merge):
         groups = triton.cdiv(C, block_col)
     else:
         n_rows, n_cols = N, HW
-        block_col = _nchw_block_col(HW)
+        block_col = _nchw_block_col(HW, _fast(x.device))
         n_col_blocks = triton.cdiv(HW, block_col)
         groups = C
     # the largest tile that still gives enough programs (small shapes get smaller tiles)
-    tile_elems = TILE_ELEMS // 2 if x.dtype == torch.float64 else TILE_ELEMS
+    tile_elems = FAST_TILE_ELEMS if _fast(x.device) else TILE_ELEMS
+    tile_elems = tile_elems // 2 if x.dtype == torch.float64 else tile_elems
     while True:
         block_row = max(1, min(triton.next_power_of_2(max(n_rows, 1)), tile_elems // block_col))
         tiles = triton.cdiv(n_rows, block_row) * n_col_blocks

@@ -135,7 +135,12 @@ def _check_parity(experiment, variant, data, epochs, device):
     return ref_loss
 
 
-def test_three_convs_kernels_train_like_torch_batchnorm(device):
+def test_three_convs_kernels_train_like_torch_batchnorm(device, monkeypatch):
+    """With the fast interpreter plans `bnbench train` uses without CUDA (the LeNet test below
+    keeps the GPU plans)."""
+    import kernels._layout
+
+    monkeypatch.setattr(kernels._layout, "_fast_interpreter_plans", True)
     data = T.load_digits_split(32, train_size=10, test_size=20)  # one step per epoch
     ref_loss = _check_parity("three_convs", "kernels_two_pass", data, 2, device)
     # the 1% tolerance tells BatchNorm from none: without it the losses differ by more
@@ -181,6 +186,7 @@ def test_command_from_another_directory_writes_csv_plots_and_summary(tmp_path):
     df = pd.read_csv(out / "train.csv")
     assert list(df.columns) == list(T.COLUMNS)
     assert (df.triton_mode == ("compiled" if torch.cuda.is_available() else "interpreter")).all()
+    assert (df.kernel_plans == ("gpu" if torch.cuda.is_available() else "interpreter-fast")).all()
     assert set(zip(df.experiment, df.variant)) == {("three_convs", "no_bn"),
                                                    ("three_convs", "torch_bn"),
                                                    ("lenet_bn", "torch_bn")}

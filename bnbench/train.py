@@ -600,8 +600,8 @@ TITLES = {"three_convs": "seed 000: three convs, SGD lr 0.001, batch 32",
 def _footer(fig, df):
     first = df.iloc[0]
     fig.text(0.01, 0.005, f"{first.device} | torch {first.torch_version} | triton "
-             f"{first.triton_version} ({first.triton_mode}, {first.kernel_plans} plans) | commit {str(first.git_commit)[:12]} "
-             f"| {first.timestamp}", fontsize=7, color="gray")
+             f"{first.triton_version} ({first.triton_mode}, {first.kernel_plans} plans) | "
+             f"commit {str(first.git_commit)[:12]} | {first.timestamp}", fontsize=7, color="gray")
 
 
 def _save(fig, df, path):

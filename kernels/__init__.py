@@ -20,5 +20,5 @@ from ._tuning import set_autotune
 from .ops import INTERPRETED, batch_norm, uses_triton
 
 __all__ = ["BatchNorm2d", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
-           "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord", "FoldReport", "fold_batchnorm",
-           "fold_conv_bn"]
+           "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord",
+           "FoldReport", "fold_batchnorm", "fold_conv_bn"]

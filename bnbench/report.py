@@ -38,11 +38,12 @@ SPEED_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "peak_
 COLUMNS = RUN_COLUMNS + CASE_COLUMNS + OUTCOME_COLUMNS + SPEED_COLUMNS + ERROR_COLUMNS
 
 
-def _cell(value):
+def cell(value, digits=6):
+    """A CSV cell: None and NaN empty, floats to `digits` significant digits."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.{digits}g}"
     return value
 
 
@@ -60,7 +61,7 @@ class CsvWriter:
 
     def write(self, row):
         """Write one row (the run's fields added); unknown columns raise ValueError."""
-        self._writer.writerow({k: _cell(v) for k, v in {**self.run_fields, **row}.items()})
+        self._writer.writerow({k: cell(v) for k, v in {**self.run_fields, **row}.items()})
         self._file.flush()
         self.rows += 1
 

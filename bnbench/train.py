@@ -471,6 +471,7 @@ def train_command(args):
     import kernels
 
     from . import environment
+    from .report import cell
 
     runs, sizes, grid = plan(args)
     tf32 = environment.pin_tf32() if device == "cuda" else "n/a (cpu)"
@@ -492,7 +493,7 @@ def train_command(args):
         writer.writeheader()
 
         def write(row):
-            writer.writerow({**run_fields, **{k: _cell(v) for k, v in row.items()}})
+            writer.writerow({**run_fields, **{k: cell(v, 8) for k, v in row.items()}})
             f.flush()
 
         for experiment, variant, epochs, max_steps in runs:
@@ -523,14 +524,6 @@ def train_command(args):
     print(summary(csv_path).to_string(index=False))
     print(f"total wall time {total:.0f} s")
     return 0
-
-
-def _cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.8g}"
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def _per_channel(v, CHANNELS_LAST: tl.constexpr):
 
 @triton.jit
 def _bcast(v, CHANNELS_LAST: tl.constexpr):
-    """Broadcast a per-channel value over a tile."""
+    """Broadcast a per-channel value over a tile (or a [split block, channels] block of
+    partials: the same shapes)."""
     if CHANNELS_LAST:
         return v[None, :]
     else:
@@ -129,19 +130,11 @@ def _merge_welford(count_ptr, mean_ptr, m2_ptr, ch, C, split,
         b_m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0)
         n = tl.sum(b_n, axis=0)
         block_mean = tl.sum(b_n * b_mean, axis=0) / tl.maximum(n, 1.0)
-        d = b_mean - _split_bcast(block_mean, CHANNELS_LAST)
+        d = b_mean - _bcast(block_mean, CHANNELS_LAST)
         block_m2 = tl.sum(b_m2 + b_n * d * d, axis=0)
         mean, m2, count = _chan_combine(mean, m2, count, block_mean, block_m2, n)
     return mean, m2
 
-
-@triton.jit
-def _split_bcast(v, CHANNELS_LAST: tl.constexpr):
-    """Broadcast a per-channel value over a [split block, channels] block of partials."""
-    if CHANNELS_LAST:
-        return v[None, :]
-    else:
-        return v
 
 
 @triton.jit

@@ -113,12 +113,13 @@ def _epoch_metrics(rows, metric):
 
 
 def _check_parity(experiment, variant, data, epochs, device):
-    """Train torch_bn and `variant` alike; per-epoch train losses within 1%, final test
-    accuracy within 1 point, and the comparison must not be vacuous."""
+    """Train torch_bn and `variant` alike: per-epoch train losses within 1%, final test
+    accuracy within 1 point, the comparison not vacuous, and after one step the same
+    weights to float32 tolerance (what the kernels guarantee, on any CPU)."""
     exp = T.EXPERIMENTS[experiment]
     assert kernels.uses_triton(torch.empty(1, device=device)), "the kernels would not run"
-    ref_model, ref = T.train_variant(exp, "torch_bn", data, epochs, device)
-    model, ours = T.train_variant(exp, variant, data, epochs, device)
+    _, ref = T.train_variant(exp, "torch_bn", data, epochs, device)
+    _, ours = T.train_variant(exp, variant, data, epochs, device)
     ref_loss, loss = _epoch_metrics(ref, "train_loss"), _epoch_metrics(ours, "train_loss")
     assert len(loss) == len(ref_loss) == epochs
     for epoch, (a, b) in enumerate(zip(loss, ref_loss), 1):
@@ -127,11 +128,15 @@ def _check_parity(experiment, variant, data, epochs, device):
     assert abs(acc - ref_acc) <= 1.0, f"final test accuracy {acc}% vs torch_bn {ref_acc}%"
     # not vacuous: training moved the loss by more than the tolerance
     assert abs(ref_loss[-1] - ref_loss[0]) > 0.05 * ref_loss[0], ref_loss
-    # and the trained weights themselves agree
+    # One step from the same start: the same weights to float32 tolerance.  The weights at
+    # the end of a run are not compared: training (lenet: sigmoid, lr 1.0) amplifies
+    # rounding differences, so they depend on the CPU's floating-point order (issue 11).
+    ref_model, _ = T.train_variant(exp, "torch_bn", data, 1, device, max_steps=1)
+    model, _ = T.train_variant(exp, variant, data, 1, device, max_steps=1)
     ref_params = dict(ref_model.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, ref_params[name], atol=1e-4, rtol=1e-3,
-                                   msg=lambda m: f"{variant} {name} after training: {m}")
+        torch.testing.assert_close(p, ref_params[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{variant} {name} after one step: {m}")
     return ref_loss
 
 

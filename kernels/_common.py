@@ -21,6 +21,27 @@ Row offsets are computed in int64: ``N*C*H*W`` may pass 2**31.
 import triton
 import triton.language as tl
 
+# Values of the ACTIVATION constexpr: the epilogue applied to z = x_hat * w + b [+ residual].
+ACT_NONE = tl.constexpr(0)  # y = z
+ACT_RELU = tl.constexpr(1)  # y = max(z, 0)
+ACT_SILU = tl.constexpr(2)  # y = z * sigmoid(z)
+ACTIVATION_CODES = {None: ACT_NONE.value, "none": ACT_NONE.value, "relu": ACT_RELU.value,
+                    "silu": ACT_SILU.value}
+
+
+def activation_code(activation):
+    """The ACTIVATION constexpr value for None, "none", "relu" or "silu".
+
+    A bool is accepted too (True is "relu", False None): the host functions' older
+    ``relu`` flag, which kernels.aot's scenarios still pass.
+    """
+    if activation is True or activation is False:
+        activation = "relu" if activation else None
+    try:
+        return ACTIVATION_CODES[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be None, 'relu' or 'silu', got {activation!r}") from None
+
 
 @triton.jit
 def _tile(tile, pid_c, n_rows, n_cols, n_col_blocks,
@@ -167,6 +188,28 @@ def _pivot(x_ptr, pid_c, ch, C, stride_chan, dtype: tl.constexpr, CHANNELS_LAST:
         return tl.load(x_ptr + ch, mask=ch < C, other=0.0).to(dtype)
     else:
         return tl.load(x_ptr + pid_c.to(tl.int64) * stride_chan).to(dtype)
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    """The epilogue act(z) of a tile (z in the accumulation dtype)."""
+    if ACTIVATION == ACT_RELU:
+        z = tl.where(z < 0.0, 0.0, z)  # keeps NaN, as torch.relu does
+    elif ACTIVATION == ACT_SILU:
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _activation_grad(dy, z, ACTIVATION: tl.constexpr):
+    """dy * act'(z): ReLU passes dy where z > 0; SiLU's derivative is
+    s * (1 + z * (1 - s)) with s = sigmoid(z)."""
+    if ACTIVATION == ACT_RELU:
+        dy = tl.where(z > 0.0, dy, 0.0)
+    elif ACTIVATION == ACT_SILU:
+        s = tl.sigmoid(z)
+        dy = dy * (s * (1.0 + z * (1.0 - s)))
+    return dy
 
 
 @triton.jit

@@ -4,7 +4,9 @@ Maths, per channel over its M = N*H*W elements, with the saved mean and
 rstd = 1/sqrt(var + eps) of the forward:
 
     x_hat = (x - mean) * rstd
-    g     = dy, masked by the ReLU where the forward applied one (g = dy * [z > 0])
+    z     = x_hat * w + b [+ residual]          (the activation's input)
+    g     = dy * act'(z): dy itself without activation, dy * [z > 0] for ReLU,
+            dy * s * (1 + z * (1 - s)) with s = sigmoid(z) for SiLU
     dbias   = sum g
     dweight = sum g * x_hat
     dx = w * rstd * (g - dbias / M - x_hat * dweight / M)     (batch statistics)
@@ -14,6 +16,8 @@ rstd = 1/sqrt(var + eps) of the forward:
 Where the forward fused a ReLU, its pre-activation sign is recomputed from x
 (z = x_hat * w + b) when there is no residual, and read from the saved output
 y when there is (y > 0 exactly where z > 0, as torch's threshold_backward).
+Where it fused a SiLU, z itself is recomputed from x, mean, rstd, w and b, plus
+the residual read again when there was one (SiLU cannot be inverted from y).
 
 Single-launch path: when a channel group's whole plane fits in one tile
 (kernels._layout), one launch reads x and dy once, reduces in registers and
@@ -31,7 +35,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _bcast, _channels, _load_channel, _merge_sums, _offsets, _per_channel, _tile,
+    ACT_NONE, ACT_RELU, ACT_SILU, _activation_grad, _bcast, _channels, _load_channel, _merge_sums,
+    _offsets, _per_channel, _tile, activation_code,
 )
 from ._layout import choose_layout, empty_output, plan, strides, to_layout
 from ._tuning import launcher
@@ -39,30 +44,39 @@ from .forward import acc_dtype, tl_acc
 
 
 @triton.jit
-def _grad_through_relu(dy, x_hat, y_ptr, offs_y, mask, w, b,
-                       RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """dy masked where the forward's ReLU was inactive (no-op without ReLU)."""
-    if RELU:
-        if HAS_RESIDUAL:
-            active = tl.load(y_ptr + offs_y, mask=mask, other=0.0) > 0.0
+def _grad_through_act(dy, x_hat, y_ptr, offs_y, res_ptr, offs_r, mask, w, b,
+                      ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """g = dy * act'(z) for one tile (dy itself without activation).
+
+    z = x_hat * w + b [+ residual] is recomputed; ReLU with a residual reads the sign
+    from the saved y instead (y > 0 exactly where z > 0), SiLU re-reads the residual.
+    Masked elements have dy = 0 and a finite z, so g is 0 there.
+    """
+    if ACTIVATION != ACT_NONE:
+        if ACTIVATION == ACT_RELU and HAS_RESIDUAL:
+            z = tl.load(y_ptr + offs_y, mask=mask, other=0.0).to(ACC)
         else:
-            active = x_hat * w + b > 0.0
-        dy = tl.where(active, dy, 0.0)
+            z = x_hat * w + b
+            if HAS_RESIDUAL:
+                z += tl.load(res_ptr + offs_r, mask=mask, other=0.0).to(ACC)
+        dy = _activation_grad(dy, z, ACTIVATION)
     return dy
 
 
 @triton.jit
 def _bn_bwd_reduce_kernel(
     x_ptr, dy_ptr,  # input and grad_output (N, C, HW), each with its (row, chan) strides
-    y_ptr,  # forward output, read for the ReLU mask when RELU and HAS_RESIDUAL
-    w_ptr, b_ptr,  # [C] weight and bias (the ReLU recompute needs them)
+    y_ptr,  # forward output, read for the ReLU mask (ACT_RELU and HAS_RESIDUAL)
+    res_ptr,  # the forward's residual, read to recompute z (ACT_SILU and HAS_RESIDUAL)
+    w_ptr, b_ptr,  # [C] weight and bias (recomputing z needs them)
     mean_ptr, rstd_ptr,  # [C] saved statistics, ACC dtype
     part_g_ptr, part_gx_ptr,  # [split, C] out: per-split sum g and sum g * x_hat
     C, n_rows, n_cols, n_col_blocks, tiles, tiles_per_prog,  # plane geometry and split
     stride_x_row, stride_x_chan, stride_dy_row, stride_dy_chan, stride_y_row, stride_y_chan,
+    stride_r_row, stride_r_chan,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    RELU: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # ACT_NONE, ACT_RELU or ACT_SILU (kernels._common)
     HAS_RESIDUAL: tl.constexpr,
     ACC: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
@@ -89,9 +103,10 @@ def _bn_bwd_reduce_kernel(
         dy = tl.load(dy_ptr + _offsets(rows, cols, pid_c, stride_dy_row, stride_dy_chan),
                      mask=mask, other=0.0).to(ACC)
         x_hat = (x - mean) * rstd
-        g = _grad_through_relu(dy, x_hat, y_ptr,
-                               _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
-                               mask, w, b, RELU, HAS_RESIDUAL)
+        g = _grad_through_act(dy, x_hat, y_ptr,
+                              _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan), res_ptr,
+                              _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan),
+                              mask, w, b, ACTIVATION, HAS_RESIDUAL, ACC)
         # masked elements have dy = 0, so they add nothing
         acc_g += g
         acc_gx += g * x_hat
@@ -102,7 +117,7 @@ def _bn_bwd_reduce_kernel(
 
 @triton.jit
 def _bn_bwd_dx_kernel(
-    x_ptr, dy_ptr, y_ptr,  # as in _bn_bwd_reduce_kernel
+    x_ptr, dy_ptr, y_ptr, res_ptr,  # as in _bn_bwd_reduce_kernel
     dx_ptr,  # out (WRITE_DX): grad of x, strides (stride_dx_row, stride_dx_chan)
     dres_ptr,  # out (HAS_RESIDUAL and WRITE_DRES): grad of the residual
     w_ptr, b_ptr, mean_ptr, rstd_ptr,  # [C] parameters and saved statistics
@@ -110,7 +125,7 @@ def _bn_bwd_dx_kernel(
     dw_ptr, db_ptr,  # [C] out (WRITE_DW / WRITE_DB): dweight, dbias
     C, n_rows, n_cols, n_col_blocks, tiles, tiles_per_prog, split, count,
     stride_x_row, stride_x_chan, stride_dy_row, stride_dy_chan, stride_y_row, stride_y_chan,
-    stride_dx_row, stride_dx_chan, stride_dr_row, stride_dr_chan,
+    stride_r_row, stride_r_chan, stride_dx_row, stride_dx_chan, stride_dr_row, stride_dr_chan,
     TRAINING: tl.constexpr,  # statistics were the batch's: dx gets the mean/var terms
     NEED_SUMS: tl.constexpr,  # merge the partials (TRAINING, or dweight/dbias wanted)
     WRITE_DX: tl.constexpr,
@@ -119,7 +134,7 @@ def _bn_bwd_dx_kernel(
     WRITE_DB: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    RELU: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACC: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
@@ -167,9 +182,11 @@ def _bn_bwd_dx_kernel(
             dy = tl.load(dy_ptr + _offsets(rows, cols, pid_c, stride_dy_row, stride_dy_chan),
                          mask=mask, other=0.0).to(ACC)
             x_hat = (x - mean) * rstd
-            g = _grad_through_relu(dy, x_hat, y_ptr,
-                                   _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
-                                   mask, w, b, RELU, HAS_RESIDUAL)
+            g = _grad_through_act(dy, x_hat, y_ptr,
+                                  _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
+                                  res_ptr, _offsets(rows, cols, pid_c, stride_r_row,
+                                                    stride_r_chan),
+                                  mask, w, b, ACTIVATION, HAS_RESIDUAL, ACC)
             if WRITE_DRES:
                 tl.store(dres_ptr + _offsets(rows, cols, pid_c, stride_dr_row, stride_dr_chan),
                          g.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -191,11 +208,11 @@ def _dx(g, x_hat, scale, mean_g, mean_gx, TRAINING: tl.constexpr):
 
 @triton.jit
 def _bn_bwd_fused_kernel(
-    x_ptr, dy_ptr, y_ptr, dx_ptr, dres_ptr,  # as in _bn_bwd_dx_kernel
+    x_ptr, dy_ptr, y_ptr, res_ptr, dx_ptr, dres_ptr,  # as in _bn_bwd_dx_kernel
     w_ptr, b_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr,  # as in _bn_bwd_dx_kernel
     C, n_rows, n_cols, count,  # the whole plane of a channel group is one tile
     stride_x_row, stride_x_chan, stride_dy_row, stride_dy_chan, stride_y_row, stride_y_chan,
-    stride_dx_row, stride_dx_chan, stride_dr_row, stride_dr_chan,
+    stride_r_row, stride_r_chan, stride_dx_row, stride_dx_chan, stride_dr_row, stride_dr_chan,
     TRAINING: tl.constexpr,
     WRITE_DX: tl.constexpr,
     WRITE_DRES: tl.constexpr,
@@ -203,7 +220,7 @@ def _bn_bwd_fused_kernel(
     WRITE_DB: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    RELU: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACC: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
@@ -223,9 +240,11 @@ def _bn_bwd_fused_kernel(
     dy = tl.load(dy_ptr + _offsets(rows, cols, pid_c, stride_dy_row, stride_dy_chan),
                  mask=mask, other=0.0).to(ACC)
     x_hat = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(rstd, CHANNELS_LAST)
-    g = _grad_through_relu(dy, x_hat, y_ptr,
-                           _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan), mask,
-                           _bcast(w, CHANNELS_LAST), _bcast(b, CHANNELS_LAST), RELU, HAS_RESIDUAL)
+    g = _grad_through_act(dy, x_hat, y_ptr,
+                          _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan), res_ptr,
+                          _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan), mask,
+                          _bcast(w, CHANNELS_LAST), _bcast(b, CHANNELS_LAST), ACTIVATION,
+                          HAS_RESIDUAL, ACC)
     # masked elements have dy = 0, so they add nothing
     sum_g = _per_channel(g, CHANNELS_LAST)
     sum_gx = _per_channel(g * x_hat, CHANNELS_LAST)
@@ -243,23 +262,34 @@ def _bn_bwd_fused_kernel(
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has_residual=False,
-                need_dx=True, need_dweight=True, need_dbias=True, need_dresidual=True):
+def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None, relu=False,
+                has_residual=False, residual=None, need_dx=True, need_dweight=True,
+                need_dbias=True, need_dresidual=True):
     """Gradients of :func:`kernels.forward.bn_forward_train` / ``bn_forward_eval``.
 
     Args:
         dy: grad of the output, shape of x (any strides: copied if they do not fit x's path).
         x: the forward's input.
-        y: the forward's output; read only for the ReLU mask when a residual was added.
+        y: the forward's output; read only for the ReLU mask when a residual was added
+            (may be None otherwise).
         weight, bias: (C,) tensors or None.
         mean, rstd: (C,) statistics the forward normalised with (batch or running).
         training: the statistics were the batch's (adds their gradient terms to dx).
-        relu, has_residual: the fusions the forward applied.
+        activation: None, "relu" or "silu": the forward's fused activation.
+        relu: the older bool flag (True = activation "relu"), used when activation is None.
+        has_residual: the forward added a residual.
+        residual: that residual; needed (read once more) for "silu" with a residual,
+            where z = x_hat * w + b + residual is recomputed.  Else unused (may be None).
         need_*: which gradients to compute; the others are returned as None.
 
     Returns:
         (dx, dweight, dbias, dresidual).
     """
+    act = activation_code(activation if activation is not None else relu)
+    if act == ACT_RELU.value and has_residual and y is None:
+        raise ValueError("bn_backward: ReLU with a residual needs the forward's output y")
+    if act == ACT_SILU.value and has_residual and residual is None:
+        raise ValueError("bn_backward: SiLU with a residual needs the residual (to recompute z)")
     C = x.shape[1]
     dx = empty_output(x) if need_dx else None
     dres = empty_output(x) if (has_residual and need_dresidual) else None
@@ -274,24 +304,28 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
 
     x, channels_last = choose_layout(x)
     dy = to_layout(dy, channels_last)
-    y = to_layout(y, channels_last) if (relu and has_residual) else None
+    y = to_layout(y, channels_last) if (act == ACT_RELU.value and has_residual) else None
+    r = (to_layout(residual, channels_last) if (act == ACT_SILU.value and has_residual)
+         else None)
     p = plan(x, channels_last)
     acc = acc_dtype(x.dtype)
     need_sums = training or need_dweight or need_dbias
     part_g = part_gx = None
-    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
+    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACTIVATION=act,
                   HAS_RESIDUAL=has_residual, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
                   BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL)
     y_strides = strides(y, channels_last) if y is not None else (0, 0)
+    r_strides = strides(r, channels_last) if r is not None else (0, 0)
     write_dx, write_dres = dx is not None, dres is not None
     out_strides = (*(strides(dx, channels_last) if write_dx else (0, 0)),
                    *(strides(dres, channels_last) if write_dres else (0, 0)))
     if p.fused:  # the single-launch path: x and dy read once
         kernel, opts = launcher(_bn_bwd_fused_kernel, p.num_warps)
         kernel[p.grid](
-            x, dy, y, dx, dres, weight, bias, mean, rstd, dw, db,
+            x, dy, y, r, dx, dres, weight, bias, mean, rstd, dw, db,
             C, p.n_rows, p.n_cols, float(p.count),
-            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *out_strides,
+            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
+            *out_strides,
             TRAINING=training, WRITE_DX=write_dx, WRITE_DRES=write_dres,
             WRITE_DW=need_dweight, WRITE_DB=need_dbias, **common, **opts,
         )
@@ -301,9 +335,9 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
         part_gx = torch.empty((p.split, C), dtype=acc, device=x.device)
         kernel, opts = launcher(_bn_bwd_reduce_kernel, p.num_warps)
         kernel[p.grid](
-            x, dy, y, weight, bias, mean, rstd, part_g, part_gx,
+            x, dy, y, r, weight, bias, mean, rstd, part_g, part_gx,
             C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog,
-            *strides(x, channels_last), *strides(dy, channels_last), *y_strides,
+            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
             **common, **opts,
         )
     # without dx or the residual's grad, only split 0 (which writes dweight/dbias) is needed
@@ -311,10 +345,11 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, relu=False, has
     if need_sums or write_dx or write_dres:
         kernel, opts = launcher(_bn_bwd_dx_kernel, p.num_warps)
         kernel[grid](
-            x, dy, y, dx, dres, weight, bias, mean, rstd, part_g, part_gx, dw, db,
+            x, dy, y, r, dx, dres, weight, bias, mean, rstd, part_g, part_gx, dw, db,
             C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
             float(p.count),
-            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *out_strides,
+            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
+            *out_strides,
             TRAINING=training, NEED_SUMS=need_sums, WRITE_DX=write_dx, WRITE_DRES=write_dres,
             WRITE_DW=need_dweight, WRITE_DB=need_dbias, BLOCK_SPLIT=p.BLOCK_SPLIT, **common,
             **opts,

@@ -162,14 +162,14 @@ class BatchNormInference(nn.Module):
         eps: added to the variance.
         affine: with learnable weight and bias (else none).
         device, dtype: of the parameters and buffers.
-        activation: None or "relu", fused after the affine step.
+        activation: None, "relu" or "silu", fused after the affine step.
     """
 
     def __init__(self, num_features, eps=1e-5, affine=True, device=None, dtype=None, *,
                  activation=None):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         kw = dict(device=device, dtype=dtype)
         self.num_features = num_features
         self.eps = eps

@@ -5,7 +5,8 @@ Maths, per channel c over its M = N*H*W elements x_i:
     mean  = (1/M) sum_i x_i
     var   = (1/M) sum_i (x_i - mean)^2                    (biased, used to normalise)
     rstd  = 1 / sqrt(var + eps)
-    y_i   = act((x_i - mean) * rstd * w + b [+ residual_i])     act = identity or ReLU
+    y_i   = act((x_i - mean) * rstd * w + b [+ residual_i])     act = identity, ReLU or SiLU
+                                         (SiLU: z * sigmoid(z), computed in fp32/fp64)
     running_mean <- (1 - momentum) * running_mean + momentum * mean
     running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)
 
@@ -47,8 +48,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums, _merge_welford,
-    _offsets, _per_channel, _per_channel_zero, _pivot, _tile,
+    _activate, _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums,
+    _merge_welford, _offsets, _per_channel, _per_channel_zero, _pivot, _tile, activation_code,
 )
 from ._layout import choose_layout, empty_output, plan, strides, to_layout
 from ._tuning import launcher
@@ -162,7 +163,7 @@ def _bn_fwd_apply_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # ACT_NONE, ACT_RELU or ACT_SILU (kernels._common)
     ACC: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BLOCK_ROW: tl.constexpr,
@@ -212,7 +213,7 @@ def _bn_fwd_apply_kernel(
                     mask=mask, other=0.0).to(ACC)
         y = _normalize(x - pivot - mean_s, scale, b, res_ptr,
                        _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan), mask,
-                       HAS_RESIDUAL, RELU, ACC)
+                       HAS_RESIDUAL, ACTIVATION, ACC)
         tl.store(y_ptr + _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
                  y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -230,7 +231,7 @@ def _bn_fwd_fused_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     ACC: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BLOCK_ROW: tl.constexpr,
@@ -262,7 +263,7 @@ def _bn_fwd_fused_kernel(
     b = _bcast(_load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS), CHANNELS_LAST)
     y = _normalize(xs - _bcast(mean_s, CHANNELS_LAST), _bcast(w * rstd, CHANNELS_LAST), b,
                    res_ptr, _offsets(rows, cols, pid_c, stride_r_row, stride_r_chan), mask,
-                   HAS_RESIDUAL, RELU, ACC)
+                   HAS_RESIDUAL, ACTIVATION, ACC)
     tl.store(y_ptr + _offsets(rows, cols, pid_c, stride_y_row, stride_y_chan),
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -318,18 +319,16 @@ def _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_p
 
 @triton.jit
 def _normalize(x_centred, scale, b, res_ptr, offs_r, mask, HAS_RESIDUAL: tl.constexpr,
-               RELU: tl.constexpr, ACC: tl.constexpr):
+               ACTIVATION: tl.constexpr, ACC: tl.constexpr):
     """act(x_centred * scale + b [+ residual]) for one tile."""
     y = x_centred * scale + b
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offs_r, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
-    return y
+    return _activate(y, ACTIVATION)
 
 
 def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var, saved,
-                  p, momentum, eps, stats, update_running, relu, channels_last,
+                  p, momentum, eps, stats, update_running, activation, channels_last,
                   num_batches_tracked=None):
     """Launch the normalising kernel over plan `p` (x, y, residual already fit the layout)."""
     count_buf, part_a, part_b = parts
@@ -345,14 +344,15 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
         *strides(x, channels_last), *strides(y, channels_last), *res_strides,
         STATS=stats, UPDATE_RUNNING=update_running, CUMULATIVE=num_batches_tracked is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=relu, ACC=tl_acc(x.dtype),
-        CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL,
-        BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
+        HAS_RESIDUAL=residual is not None, ACTIVATION=activation_code(activation),
+        ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
+        BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
     )
 
 
 def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                     stats="single_pass", residual=None, relu=False, num_batches_tracked=None):
+                     stats="single_pass", residual=None, activation=None,
+                     num_batches_tracked=None):
     """BatchNorm forward with batch statistics.
 
     Args:
@@ -365,7 +365,8 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         stats: "single_pass" (Welford/Chan, x read twice) or "two_pass" (x read 3 times);
             on the single-launch path (kernels._layout), both read x once.
         residual: tensor of x's shape added before the activation, or None.
-        relu: apply ReLU after the affine step (and residual).
+        activation: None, "relu" or "silu" (z * sigmoid(z)), applied after the affine
+            step and the residual add (True/False are read as "relu"/None).
         num_batches_tracked: for momentum=None, the batch counter (already
             incremented): the running stats become cumulative averages,
             momentum = 1 / num_batches_tracked, read on the device.
@@ -374,6 +375,7 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         (y, save_mean, save_rstd): y like x; mean and 1/sqrt(var+eps) as (C,)
         float32 (float64 for float64 x).
     """
+    act = activation_code(activation)  # fails early on an unknown activation
     y = empty_output(x)
     C = x.shape[1]
     acc = acc_dtype(x.dtype)
@@ -394,7 +396,7 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
             float(eps), *strides(x, channels_last), *strides(y, channels_last), *res_strides,
             WELFORD=stats == "single_pass", UPDATE_RUNNING=running_mean is not None,
             CUMULATIVE=num_batches_tracked is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=act,
             ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
             BLOCK_COL=p.BLOCK_COL, **opts,
         )
@@ -418,17 +420,19 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         x, y, residual, weight, bias, (count_buf, part_a, part_b),
         running_mean, running_var, (save_mean, save_rstd), p, momentum, eps,
         FROM_WELFORD if stats == "single_pass" else FROM_TWO_PASS,
-        running_mean is not None, relu, channels_last, num_batches_tracked,
+        running_mean is not None, activation, channels_last, num_batches_tracked,
     )
     return y, save_mean, save_rstd
 
 
-def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None,
+                    activation=None):
     """BatchNorm forward with fixed statistics: y = act((x - mean) * w / sqrt(var + eps) + b [+ r]).
 
     One launch: x read once, y written once.  Args as :func:`bn_forward_train`;
     running_mean and running_var are read, not updated.
     """
+    activation_code(activation)  # fails early on an unknown activation
     y = empty_output(x)
     if x.numel() == 0:
         return y
@@ -437,7 +441,7 @@ def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=No
     p = plan(x, channels_last, merge=False)
     _launch_apply(
         x, y, residual, weight, bias, (None, None, None),
-        running_mean, running_var, (None, None), p, 0.0, eps, FROM_RUNNING, False, relu,
+        running_mean, running_var, (None, None), p, 0.0, eps, FROM_RUNNING, False, activation,
         channels_last,
     )
     return y

@@ -8,6 +8,7 @@ supported dtypes; training tests on both the general and the single-launch path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from helpers import assert_close, f64, reference_batch_norm
@@ -55,6 +56,13 @@ def make_params(C, dtype, device):
     return w, b, rm, rv
 
 
+def reference(x, rm, rv, w, b, training, momentum, eps, residual, activation):
+    """The float64 reference with the fused activation: None, "relu" or "silu"."""
+    y = reference_batch_norm(x, rm, rv, w, b, training, momentum, eps, residual,
+                             activation == "relu")
+    return F.silu(y) if activation == "silu" else y
+
+
 def check_train_step(x, w, b, rm, rv, stats, momentum=0.1, residual=None, activation=None,
                      param_dtype=None):
     """One training step against the float64 reference: y, dx, dw, db, dres, running stats."""
@@ -63,8 +71,7 @@ def check_train_step(x, w, b, rm, rv, stats, momentum=0.1, residual=None, activa
     ref_rm, ref_rv = f64(rm), f64(rv)
     xr, wr, br = f64(x, True), f64(w, True), f64(b, True)
     rr = f64(residual, True)
-    y_ref = reference_batch_norm(xr, ref_rm, ref_rv, wr, br, True, momentum, 1e-5, rr,
-                                 activation == "relu")
+    y_ref = reference(xr, ref_rm, ref_rv, wr, br, True, momentum, 1e-5, rr, activation)
     x = x.detach().requires_grad_()
     w = w.detach().requires_grad_() if w is not None else None
     b = b.detach().requires_grad_() if b is not None else None
@@ -138,30 +145,50 @@ def test_train_without_affine_or_running_stats(affine, running, layout, stats, d
 
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("fusion", ["relu", "residual", "residual+relu"])
+@pytest.mark.parametrize("fusion", ["relu", "residual", "residual+relu", "silu",
+                                    "residual+silu"])
 def test_train_fusions(fusion, layout, stats, device, path):
-    """relu(bn(x) + residual) and its gradients, the residual's included."""
+    """act(bn(x) + residual) and its gradients, the residual's included (act: relu, silu)."""
     shape = (3, 5, 9, 7)
     x = make_input(shape, layout, torch.float32, device, shift=0.0)
     w, b, rm, rv = make_params(5, torch.float32, device)
     residual = make_input(shape, "nchw", torch.float32, device) if "residual" in fusion else None
-    y = check_train_step(x, w, b, rm, rv, stats, residual=residual,
-                         activation="relu" if "relu" in fusion else None)
-    if "relu" in fusion:
+    activation = fusion.split("+")[-1] if fusion != "residual" else None
+    y = check_train_step(x, w, b, rm, rv, stats, residual=residual, activation=activation)
+    if activation == "relu":
         assert (y == 0).any() and (y > 0).any(), "the ReLU case must have both signs"
+    if activation == "silu":  # silu's minimum is about -0.278, at z = -1.28
+        assert (y < -0.1).any() and (y > 1).any(), "the SiLU case must cover both branches"
 
 
-def test_train_fusions_fp16_residual(device, path):
-    x = make_input((3, 5, 9, 7), "channels_last", torch.float16, device, shift=0.0)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_train_fusions_half_residual(dtype, activation, device, path):
+    x = make_input((3, 5, 9, 7), "channels_last", dtype, device, shift=0.0)
     w, b, rm, rv = make_params(5, torch.float32, device)
-    residual = make_input((3, 5, 9, 7), "channels_last", torch.float16, device)
-    check_train_step(x, w, b, rm, rv, "single_pass", residual=residual, activation="relu",
+    residual = make_input((3, 5, 9, 7), "channels_last", dtype, device)
+    check_train_step(x, w, b, rm, rv, "single_pass", residual=residual, activation=activation,
                      param_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_train_silu_large_values(layout, stats, dtype, device, path):
+    """SiLU where sigmoid saturates (|z| past 88, where exp(-z) overflows float32: sigmoid
+    is then 0 or 1) stays finite and right, gradients through the saturated branches too:
+    biases of +-100 put whole channels there, one channel stays around 0."""
+    x = make_input((3, 5, 9, 7), layout, dtype, device, shift=0.0)
+    w, _, rm, rv = make_params(5, dtype, device)
+    b = torch.tensor([100.0, -100.0, 95.0, -95.0, 0.0], device=device, dtype=dtype)
+    y = check_train_step(x, w, b, rm, rv, stats, activation="silu")
+    assert y.max() > 88 and y.min() > -0.28 and torch.isfinite(y).all()
+    assert (y[:, 1] == 0).all() or (y[:, 1].abs() < 1e-30).all()  # silu(-100) ~ -4e-42
 
 
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "spatial_stride"])
-@pytest.mark.parametrize("fusion", [None, "relu", "residual+relu"])
+@pytest.mark.parametrize("fusion", [None, "relu", "residual+relu", "silu", "residual+silu"])
 def test_eval(dtypes, layout, fusion, device):
     """Fixed statistics: output and gradients, running stats untouched."""
     dtype, pdtype = dtypes
@@ -173,11 +200,11 @@ def test_eval(dtypes, layout, fusion, device):
     rm0, rv0 = rm.clone(), rv.clone()
     residual = (make_input(shape, "nchw", dtype, device).requires_grad_()
                 if fusion and "residual" in fusion else None)
-    relu = fusion is not None and "relu" in fusion
+    activation = fusion.split("+")[-1] if fusion else None
     xr, wr, br, rr = f64(x, True), f64(w, True), f64(b, True), f64(residual, True)
-    y_ref = reference_batch_norm(xr, f64(rm), f64(rv), wr, br, False, 0.1, 1e-5, rr, relu)
+    y_ref = reference(xr, f64(rm), f64(rv), wr, br, False, 0.1, 1e-5, rr, activation)
     y = kernels.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, residual=residual,
-                           activation="relu" if relu else None)
+                           activation=activation)
     assert_close(y, y_ref, dtype, "y")
     dy = torch.randn_like(y)
     y.backward(dy)

@@ -138,6 +138,7 @@ def scenarios():
         bn_backward(_tensor(shape, dtype, cl), x, _tensor(shape, dtype, cl), w, b,
                     torch.empty(C, dtype=acc), torch.empty(C, dtype=acc), training=training,
                     relu=relu, has_residual=residual, need_dx=need[0], need_dweight=need[1],
+                    residual=_tensor(shape, dtype, cl) if residual else None,
                     need_dbias=need[2], need_dresidual=need[3])
 
     # general path (aligned: 16-byte vectors possible; unaligned 7x7) and single-launch path
@@ -165,11 +166,14 @@ def scenarios():
         "no affine": dict(affine=False), "no running stats": dict(running=False),
         "cumulative": dict(cumulative=True), "relu": dict(relu=True),
         "residual": dict(residual=True), "residual+relu": dict(residual=True, relu=True),
+        "silu": dict(relu="silu"), "residual+silu": dict(residual=True, relu="silu"),
     }
     bwd_flags = {
         "eval stats": dict(training=False), "no affine": dict(affine=False),
         "relu": dict(relu=True), "residual+relu": dict(residual=True, relu=True),
         "residual": dict(residual=True), "no dx": dict(need=(False, True, True, False)),
+        "silu": dict(relu="silu"), "residual+silu": dict(residual=True, relu="silu"),
+        "eval silu": dict(training=False, relu="silu"),
         "eval dx only": dict(training=False, need=(True, False, False, False)),
     }
     for shape in (general, fused):
@@ -182,7 +186,9 @@ def scenarios():
                 out.append((f"backward {name} {tag}", lambda kw=kw, cl=cl, shape=shape:
                             backward(shape, f32, f32, cl, **kw)))
         for name, kw in (("no affine", dict(affine=False)), ("relu", dict(relu=True)),
-                         ("residual+relu", dict(residual=True, relu=True))):
+                         ("residual+relu", dict(residual=True, relu=True)),
+                         ("silu", dict(relu="silu")),
+                         ("residual+silu", dict(residual=True, relu="silu"))):
             out.append((f"eval {name} {shape} nchw fp32",
                         lambda kw=kw, shape=shape: evaluate(shape, f32, f32, False, **kw)))
         # the num_warps an autotuned launch may try (kernels._tuning)

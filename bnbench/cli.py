@@ -4,6 +4,9 @@ Each command lives in ``bnbench/<name>.py``, named in ``COMMANDS``; the module e
 ``add_parser(subparsers)``, which adds its subparser and calls
 ``set_defaults(func=...)``: ``func(args)`` runs the command and returns the exit status.
 A command that measures nothing on a device (``plot``) also sets ``uses_device=False``.
+Building the parser imports no torch, triton, pandas or matplotlib, so ``--help`` and
+argument errors answer at once: a command module imports those inside its functions, or
+keeps its parser in a light module named in ``PARSER_MODULES`` (``train``).
 
 Before a command runs, and so before anything imports triton, ``main`` checks for a CUDA
 device.  Without one it sets ``TRITON_INTERPRET=1`` (the Triton kernels then run through
@@ -19,6 +22,8 @@ import os
 import sys
 
 COMMANDS = ["run", "plot", "traffic", "inspect", "train"]
+# commands whose module imports torch at the top keep their parser elsewhere
+PARSER_MODULES = {"train": "train_args"}
 
 BANNER = (
     "bnbench: no CUDA GPU found. The Triton kernels run through Triton's interpreter "
@@ -42,12 +47,14 @@ def build_parser():
                     "torch.compile: speed and numerical error.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"bnbench.{name}").add_parser(subparsers)
+        module = PARSER_MODULES.get(name, name)
+        importlib.import_module(f"bnbench.{module}").add_parser(subparsers)
     return parser
 
 
-def prepare_device():
-    """Return "cuda" or "cpu"; without CUDA, turn Triton's interpreter on and print the banner.
+def prepare_device(banner=BANNER):
+    """Return "cuda" or "cpu"; without CUDA, turn Triton's interpreter on and print `banner`
+    (the command's own: ``bnbench train`` has another).
 
     Must run before triton is first imported: the interpreter is chosen at import time.
     """
@@ -56,7 +63,8 @@ def prepare_device():
     if torch.cuda.is_available():
         return "cuda"
     os.environ["TRITON_INTERPRET"] = "1"
-    print(BANNER, flush=True)
+    if banner:
+        print(banner, flush=True)
     return "cpu"
 
 

@@ -1,24 +1,34 @@
 """What a run records about where it ran: device, versions, commit, time, TF32 settings.
 
 These go into every row of the CSV, so a row read on its own says what produced it.
+Also the settings ``bnbench run`` and ``bnbench train`` share: the CPU thread count.
+No torch at import time (the CLI's parsers import this module).
 """
 
+import argparse
 import datetime
-import importlib.metadata
+import json
 import platform
 import re
 import subprocess
 from pathlib import Path
 
+PACKAGE = "bnbench"
 
-def git_commit():
-    """The commit of the bnbench checkout (whatever the working directory), or "unknown".
 
-    "-dirty" is appended when tracked files under kernels/ or bnbench/ differ from
-    that commit: the numbers then come from code no commit holds.
-    """
-    root = Path(__file__).resolve().parents[1]
+def package_version():
+    """bnbench's installed version (importlib.metadata), or "unknown" if it is not installed."""
+    import importlib.metadata
 
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _checkout_commit(root):
+    """The commit of the git checkout whose top is `root` ("-dirty" if kernels/ or bnbench/
+    differ from it), or None when `root` is not the top of a checkout."""
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10)
@@ -26,11 +36,71 @@ def git_commit():
         out = git("rev-parse", "--show-toplevel", "HEAD")
         lines = out.stdout.split()
         if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
-            return "unknown"  # not a bnbench checkout (e.g. installed into another repo)
+            return None  # not a bnbench checkout (e.g. installed into another repo)
         dirty = git("diff", "--quiet", "HEAD", "--", "kernels", "bnbench").returncode == 1
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
     return lines[1] + ("-dirty" if dirty else "")
+
+
+def _installed_commit():
+    """The commit pip recorded when bnbench was installed from a git URL
+    (``pip install git+https://...``: ``direct_url.json``'s ``vcs_info``), or None."""
+    import importlib.metadata
+
+    try:
+        text = importlib.metadata.distribution(PACKAGE).read_text("direct_url.json")
+        commit = json.loads(text or "{}").get("vcs_info", {}).get("commit_id")
+    except (importlib.metadata.PackageNotFoundError, ValueError, AttributeError):
+        return None
+    return commit or None
+
+
+def git_commit(root=None):
+    """The commit of the bnbench code that runs, or "unknown" when no commit can be found.
+
+    From the git checkout this package lies in (whatever the working directory), with
+    "-dirty" appended when tracked files under kernels/ or bnbench/ differ from that
+    commit (the numbers then come from code no commit holds); outside a checkout (``pip
+    install .`` copies the files), the commit pip recorded for a ``git+`` install.
+    """
+    root = Path(root or Path(__file__).resolve().parents[1]).resolve()
+    return _checkout_commit(root) or _installed_commit() or "unknown"
+
+
+def provenance():
+    """What code produced a run: {"bnbench_version": ..., "git_commit": ...}."""
+    return {"bnbench_version": package_version(), "git_commit": git_commit()}
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_cpu_threads_argument(p):
+    """``--cpu-threads``, the same option in ``bnbench run`` and ``bnbench train``."""
+    p.add_argument("--cpu-threads", type=_positive_int, default=1,
+                   help="torch threads without a GPU (default 1: the small CPU shapes gain "
+                        "nothing from more, and a thread waiting for a busy core would be "
+                        "timed)")
+
+
+def set_cpu_threads(device, threads):
+    """Without a GPU, run torch on `threads` threads; return the count torch uses.
+
+    One rule for ``bnbench run`` and ``bnbench train``, so both report the same count.
+    """
+    import torch
+
+    if device != "cuda":
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def cpu_name():
@@ -88,6 +158,8 @@ def collect(device, interpreted, tf32):
         interpreted: the Triton kernels run through Triton's interpreter.
         tf32: the TF32 settings, as pin_tf32 returned them.
     """
+    import importlib.metadata
+
     import torch
 
     def version(package):
@@ -99,7 +171,7 @@ def collect(device, interpreted, tf32):
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **provenance(),
         "device": device_name(device),
         "device_type": device,
         "torch_version": torch.__version__,
@@ -109,3 +181,41 @@ def collect(device, interpreted, tf32):
         "triton_mode": "interpreter" if interpreted else "compiled",
         "tf32": tf32,
     }
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used; the message names the path and the problem."""
+
+
+def output_dir(path):
+    """Create the output folder `path` if needed and check that files can be written in it.
+
+    Returns the path; raises OutputError (one line naming the path and the problem)
+    instead of the OSError a later write would raise with a traceback.
+    """
+    import errno
+    import tempfile
+
+    path = Path(path)
+    problem = None
+    if path.exists() and not path.is_dir():
+        problem = "it is a file, not a folder"
+    else:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except FileExistsError:
+            problem = "a part of it is a file, not a folder"
+        except NotADirectoryError:
+            problem = "a part of it is a file, not a folder"
+        except PermissionError:
+            problem = "permission denied"
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.EROFS:
+                reason = "read-only file system"
+            problem = f"cannot create or write there ({reason})"
+    if problem:
+        raise OutputError(f"cannot write to --out {path}: {problem}")
+    return path

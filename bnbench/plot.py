@@ -49,10 +49,17 @@ def _shape(text):
 
 
 def plot_command(args):
+    """Draw the PNGs; 2 with one line on stderr (the path and the problem) for a file that
+    is not a bnbench run CSV, a shape it lacks, or an --out that cannot be written."""
+    import sys
+
+    from .environment import OutputError, output_dir
+
     try:
+        output_dir(args.out if args.out is not None else args.csv.parent)
         paths = draw(args.csv, args.out, args.shape)
-    except ValueError as exc:
-        print(f"bnbench plot: error: {exc}")
+    except (ValueError, OutputError) as exc:  # OutputError, report.NotARunCsv: ValueErrors
+        print(f"bnbench plot: error: {exc}", file=sys.stderr)
         return 2
     for path in paths:
         print(f"wrote {path}")

@@ -2,7 +2,9 @@
 
 Columns, in order:
 
-* the run: ``timestamp`` (UTC, start of the run), ``git_commit``, ``device`` (GPU or
+* the run: ``timestamp`` (UTC, start of the run), ``git_commit`` (``-dirty`` when the
+  code differs from it; ``unknown`` outside a checkout unless pip recorded it),
+  ``bnbench_version`` (the installed package's), ``device`` (GPU or
   CPU name), ``device_type`` (cuda/cpu), ``torch_version``, ``triton_version``,
   ``cuda_version``, ``cudnn_version``, ``triton_mode`` (compiled/interpreter), ``tf32``,
   ``copy_gbps`` (the device's copy bandwidth, measured once per run);
@@ -28,7 +30,7 @@ import math
 
 from .numerics import ERROR_COLUMNS
 
-RUN_COLUMNS = ("timestamp", "git_commit", "device", "device_type", "torch_version",
+RUN_COLUMNS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type", "torch_version",
                "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
                "copy_gbps")
 CASE_COLUMNS = ("impl", "backend", "mode", "N", "C", "H", "W", "dtype", "layout",
@@ -75,20 +77,52 @@ class CsvWriter:
         self.close()
 
 
-def read(path):
-    """The CSV as a pandas DataFrame; ValueError if it lacks the columns of a bnbench run.
+class NotARunCsv(ValueError):
+    """A file that is not a bnbench run CSV; the message names the path and what is wrong."""
 
-    A CSV from before fusions were measured gets ``fusion`` "none".
+
+def read(path):
+    """The CSV as a pandas DataFrame.
+
+    Raises NotARunCsv (a ValueError; one line naming the path and the problem) for an empty
+    or binary file, one pandas cannot parse, one without the columns of a bnbench run, or
+    one without rows.  A CSV from before fusions were measured gets ``fusion`` "none".
     """
     import pandas as pd
 
-    df = pd.read_csv(path, keep_default_na=True)
+    def fail(problem):
+        return NotARunCsv(f"{path} is not a bnbench run CSV: {problem}")
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise NotARunCsv(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head.strip():
+        raise fail("the file is empty")
+    try:
+        head.decode("utf-8")
+        text = True
+    except UnicodeDecodeError as exc:
+        text = exc.start >= len(head) - 3  # only a multi-byte character cut at the end
+    if not text or b"\0" in head:
+        raise fail("binary data, not UTF-8 text")
+    try:
+        df = pd.read_csv(path, keep_default_na=True)
+    except UnicodeDecodeError:
+        raise fail("binary data, not UTF-8 text") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise fail(f"pandas cannot parse it ({str(exc).splitlines()[0].strip()})") from None
     if "fusion" not in df.columns:
         df["fusion"] = "none"
     missing = [c for c in CASE_COLUMNS + OUTCOME_COLUMNS + ("median_ms", "gbps", "max_abs_err",
                                                             "rel_l2_err") if c not in df.columns]
     if missing:
-        raise ValueError(f"{path} is not a bnbench run CSV (missing columns: {', '.join(missing)})")
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4
+                                           else "")
+        raise fail(f"missing columns {shown}")
+    if df.empty:
+        raise fail("a header and no rows")
     return df
 
 

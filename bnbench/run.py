@@ -24,7 +24,11 @@ import sys
 from pathlib import Path
 
 from .cases import ALL_MODES, DTYPE_ALIASES, DTYPES, FUSIONS, LAYOUTS, MODES
+from .environment import add_cpu_threads_argument
 from .shapes import SHAPE_SETS, parse_shapes
+
+# `bnbench run --quick` measured on the 2-core CPU (README, "Benchmark: bnbench run")
+QUICK_TIME = "about 1.5 min on a 2-core CPU"
 
 PRESETS = {
     "full": dict(shapes=("resnet50", SHAPE_SETS["resnet50"]), batch_sizes=(1, 8, 32, 128, 256),
@@ -61,16 +65,6 @@ def _batch_sizes(text):
     return tuple(sorted(set(sizes)))
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _positive(text):
     try:
         value = float(text)
@@ -91,7 +85,7 @@ def add_parser(subparsers):
                     "modes x shapes x batch sizes x dtypes x layouts. Without a GPU the Triton "
                     "kernels run through Triton's interpreter for their numerics only.")
     p.add_argument("--quick", action="store_true",
-                   help="a small sweep (a few minutes on a 2-core CPU); the default without a GPU")
+                   help=f"a small sweep ({QUICK_TIME}); the default without a GPU")
     p.add_argument("--shapes", type=parse_shapes, metavar="SHAPES",
                    help=f"shape sets ({', '.join(SHAPE_SETS)}) and/or CxHxW, comma-separated, "
                         "e.g. 64x56x56,256x14x14 (default: resnet50; quick with --quick)")
@@ -118,10 +112,7 @@ def add_parser(subparsers):
     p.add_argument("--warmup-ms", type=_positive, default=25.0, help="warm-up time per row")
     p.add_argument("--rep-ms", type=_positive, default=100.0, help="timed repetitions per row")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
-    p.add_argument("--cpu-threads", type=_positive_int, default=1,
-                   help="torch threads for the CPU baselines, without a GPU (default 1: the "
-                        "small CPU shapes gain nothing from more, and a thread waiting for a "
-                        "busy core would be timed)")
+    add_cpu_threads_argument(p)
     p.add_argument("--no-plots", action="store_true", help="write the CSV and table only")
     p.add_argument("--fail-on-error", action="store_true",
                    help="exit with status 1 if any row failed (for CI)")
@@ -139,13 +130,21 @@ def resolve(args, device):
 
 
 def run_command(args):
-    """Run the sweep; return 0 (1 with --fail-on-error if a row failed, 130 if interrupted)."""
+    """Run the sweep; return 0 (1 with --fail-on-error if a row failed, 130 if interrupted,
+    2 with one line on stderr if --out cannot be written)."""
+    from . import environment
+
+    try:
+        environment.output_dir(args.out)
+    except environment.OutputError as exc:
+        print(f"bnbench run: error: {exc}", file=sys.stderr)
+        return 2
     import torch
     from tqdm import tqdm
 
     import kernels
 
-    from . import environment, impls, report, runner, timing
+    from . import impls, report, runner, timing
     from .cases import make_cases
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,20 +160,19 @@ def run_command(args):
               f"{','.join(settings['modes'])} (see 'bnbench run --help')", file=sys.stderr)
         return 2
 
-    if device == "cpu":
-        torch.set_num_threads(args.cpu_threads)
+    environment.set_cpu_threads(device, args.cpu_threads)
     tf32 = environment.pin_tf32()
     run_fields = environment.collect(device, interpreted, tf32)
     run_fields["copy_gbps"] = timing.copy_bandwidth(device)
     opts = runner.Options(device=device, interpreted=interpreted, warmup_ms=args.warmup_ms,
                           rep_ms=args.rep_ms, seed=args.seed, copy_gbps=run_fields["copy_gbps"])
 
-    args.out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"run_{label}_{environment.device_slug(device)}"
     csv_path = args.out / f"{name}.csv"
+    replaces = " (replacing the one there)" if csv_path.exists() else ""
     print(f"bnbench run: {len(cases)} cases, {total} rows on {run_fields['device']} "
           f"(Triton {run_fields['triton_mode']}, TF32 {tf32}, copy bandwidth "
-          f"{run_fields['copy_gbps']:.1f} GB/s) -> {csv_path}", flush=True)
+          f"{run_fields['copy_gbps']:.1f} GB/s) -> {csv_path}{replaces}", flush=True)
 
     with report.CsvWriter(csv_path, run_fields) as writer, \
             tqdm(total=total, desc="bnbench run", unit="row", file=sys.stderr) as bar:

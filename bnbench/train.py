@@ -44,14 +44,14 @@ the same kernels in a few programs with large tiles; column ``kernel_plans`` =
 a 2-core CPU, against about 35 s with the 512-program plans of an H100 (``--gpu-plans``) and
 15 ms with torch's BatchNorm.  ``--kernel-steps`` can stop the kernels variants after their
 first steps (the same batches the torch variants start with), and ``--quick`` trains on 10
-images for one epoch.
+images for one epoch, into ``results/train_quick/`` (never over the full run's
+``results/train/``).  A progress bar on stderr counts each variant's steps.
 """
 
 import argparse
 import copy
 import csv
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,15 +60,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SEED = 5842  # the seed article's set_seed(5842)
+from .train_args import QUICK, QUICK_OUT, FULL_OUT, SEED, add_arguments, add_parser  # noqa: F401
+
 SPLIT_SEED = 0  # random_state of the stratified train/test split
 TEST_FRACTION = 0.2
 SURFACE_SAMPLES = 256  # training images the loss surface is computed on
-QUICK = dict(train_size=10, test_size=10, epochs=1, lenet_epochs=1, grid=7)
 FULL_GRID = 21
 
-RUN_FIELDS = ("timestamp", "git_commit", "device", "device_type", "torch_version",
-              "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
+RUN_FIELDS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type",
+              "torch_version", "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
               "kernel_plans")
 ROW_FIELDS = ("experiment", "variant", "bn", "epoch", "step", "metric", "value", "w1", "w2")
 COLUMNS = RUN_FIELDS + ROW_FIELDS
@@ -263,7 +263,7 @@ def _sampled_weights(conv, sampled):
 # training
 
 def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_steps=None,
-                  eval_steps=(), batch_size=None, lr=None, on_row=None):
+                  eval_steps=(), batch_size=None, lr=None, on_row=None, on_step=None):
     """Train one variant; return (the trained model, its rows).
 
     Args:
@@ -278,6 +278,7 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
         eval_steps: steps after which ``test_acc_at_step`` is also measured.
         batch_size, lr: override the experiment's values (tests).
         on_row: called with each row dict as it is made (the CSV writer).
+        on_step: called with the epoch after each optimizer step (the progress bar).
 
     Rows are dicts with the ROW_FIELDS keys; per-epoch rows carry the step they were taken
     at.  Metrics: see the module docstring; also ``test_acc_at_step`` and, at the end,
@@ -285,6 +286,7 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
     """
     if bn_kind(variant) == "kernels":
         _check_kernels_run(device)
+    on_step = on_step or (lambda epoch: None)
     batch_size = batch_size or experiment.batch_size
     model = build_model(experiment, variant, seed).to(device)
     x_train, y_train, x_test, y_test = (t.to(device) for t in data)
@@ -326,6 +328,7 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
             loss_sum += loss_value * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             emit(epoch, step, "step_loss", loss_value, weights)
+            on_step(epoch)
             if step in eval_steps:
                 emit(epoch, step, "test_acc_at_step", accuracy(model, x_test, y_test, batch_size))
             if max_steps is not None and step >= max_steps:
@@ -385,70 +388,6 @@ def _grid_range(values, margin=0.5, min_width=0.05):
 # ---------------------------------------------------------------------------------------------
 # the command
 
-def add_arguments(p):
-    """The options of `bnbench train` (shared by the CLI subparser and ``python -m``)."""
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smoke run: {QUICK['train_size']} training and {QUICK['test_size']} "
-                        f"test images (one step per epoch), {QUICK['epochs']} epoch, a "
-                        f"{QUICK['grid']}x{QUICK['grid']} loss grid (about 3 minutes on a "
-                        "2-core CPU)")
-    p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="epochs of three_convs (default 30, the seed's; 1 with --quick)")
-    p.add_argument("--lenet-epochs", type=_positive_int, default=None,
-                   help="epochs of lenet_bn (default 10, the seed's; 1 with --quick)")
-    p.add_argument("--kernel-steps", type=_nonnegative_int, default=None,
-                   help="stop the kernels variants after this many steps, the first batches "
-                        "the torch variants see (default: no limit; 0 leaves them out). "
-                        "Through Triton's interpreter a three_convs step takes about 1.5 s")
-    p.add_argument("--gpu-plans", action="store_true",
-                   help="through the interpreter, launch the kernels with the programs and "
-                        "tiles an H100 would get (about 35 s a three_convs step) instead of "
-                        "few programs with large tiles (the default without CUDA)")
-    p.add_argument("--train-size", type=_positive_int, default=None,
-                   help="train on a stratified subset of this many images (default: all 1437)")
-    p.add_argument("--test-size", type=_positive_int, default=None,
-                   help="test on a stratified subset of this many images (default: all 360)")
-    p.add_argument("--seed", type=int, default=SEED,
-                   help=f"seed of the initial weights and the data order (default {SEED})")
-    p.add_argument("--out", type=Path, default=Path("results/train"),
-                   help="output folder for train.csv and the PNGs (default: results/train)")
-
-
-def add_parser(subparsers):
-    p = subparsers.add_parser(
-        "train", help="train the seeds' CNNs with and without BatchNorm (torch's and the kernels')",
-        description="Reproduce the seed articles' with-and-without-BatchNorm experiments on "
-                    "scikit-learn's digits: seed 000's three-conv network (no BN, torch BN, "
-                    "kernels two-pass and single-pass) and seed 002's LeNet with BN (torch BN, "
-                    "kernels). Writes train.csv, four PNGs and a summary table.")
-    add_arguments(p)
-    p.set_defaults(func=train_command)
-
-
-def _int_at_least(minimum, what):
-    def convert(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
-        return value
-    return convert
-
-
-_positive_int = _int_at_least(1, "positive")
-_nonnegative_int = _int_at_least(0, "non-negative")
-
-
-def _prepare_device():
-    """"cuda" or "cpu"; without CUDA, turn on Triton's interpreter (before triton's import)."""
-    if torch.cuda.is_available():
-        return "cuda"
-    os.environ["TRITON_INTERPRET"] = "1"
-    return "cpu"
-
-
 def plan(args):
     """What the command runs: [(experiment, variant, epochs, max_steps)], data sizes, grid."""
     quick = QUICK if args.quick else {}
@@ -465,27 +404,46 @@ def plan(args):
     return runs, sizes, quick.get("grid", FULL_GRID)
 
 
+TRAIN_BANNER = (
+    "bnbench train: no CUDA GPU found. The kernels variants run the Triton kernels through "
+    "Triton's interpreter (fast interpreter plans unless --gpu-plans): their losses and "
+    "accuracies are the kernels' own, their step times are the interpreter's, not kernel speeds.")
+
+
 def train_command(args):
-    """Train every variant, write <out>/train.csv and the PNGs, print the summary; return 0."""
-    device = _prepare_device()
-    import kernels
+    """Train every variant, write <out>/train.csv and the PNGs, print the summary; return 0
+    (2 with one line on stderr if --out cannot be written)."""
+    import sys
+
+    from tqdm import tqdm
 
     from . import environment
+    from .cli import prepare_device
     from .report import cell
 
+    out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
+    try:
+        environment.output_dir(out)
+    except environment.OutputError as exc:
+        print(f"bnbench train: error: {exc}", file=sys.stderr)
+        return 2
+    device = prepare_device(TRAIN_BANNER)
+    import kernels
+
     runs, sizes, grid = plan(args)
+    environment.set_cpu_threads(device, args.cpu_threads)
     tf32 = environment.pin_tf32() if device == "cuda" else "n/a (cpu)"
     run_fields = environment.collect(device, bool(kernels.INTERPRETED), tf32)
     fast_plans = device == "cpu" and not args.gpu_plans
     kernels.set_interpreter_plans(fast_plans)
     run_fields["kernel_plans"] = "interpreter-fast" if fast_plans else "gpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "train.csv"
+    csv_path = out / "train.csv"
     data = {name: load_digits_split(exp.image_size, **sizes) for name, exp in EXPERIMENTS.items()}
+    replaces = " (replacing the one there)" if csv_path.exists() else ""
     print(f"bnbench train: {len(data['three_convs'][1])} training / "
           f"{len(data['three_convs'][3])} test digits; device {run_fields['device']}, "
-          f"Triton {run_fields['triton_mode']}, {run_fields['kernel_plans']} plans", flush=True)
-    # every variant is also tested where the kernels variants stop, for a like-for-like figure
+          f"Triton {run_fields['triton_mode']}, {run_fields['kernel_plans']} plans "
+          f"-> {csv_path}{replaces}", flush=True)
     eval_steps = {args.kernel_steps} if args.kernel_steps else set()
     wall = time.perf_counter()
     with open(csv_path, "w", newline="") as f:
@@ -498,9 +456,15 @@ def train_command(args):
 
         for experiment, variant, epochs, max_steps in runs:
             start = time.perf_counter()
-            model, rows = train_variant(experiment, variant, data[experiment.name], epochs,
-                                        device, args.seed, max_steps=max_steps,
-                                        eval_steps=eval_steps, on_row=write)
+            n_train = len(data[experiment.name][1])
+            steps = epochs * math.ceil(n_train / experiment.batch_size)
+            with tqdm(total=min(steps, max_steps or steps), unit="step", file=sys.stderr,
+                      desc=f"{experiment.name} {variant}", leave=False) as bar:
+                model, rows = train_variant(experiment, variant, data[experiment.name], epochs,
+                                            device, args.seed, max_steps=max_steps,
+                                            eval_steps=eval_steps, on_row=write,
+                                            on_step=lambda epoch: (bar.update(),
+                                                                   bar.set_postfix(epoch=epoch)))
             last = {r["metric"]: r for r in rows}
             done = (f"{last['test_acc']['epoch']} epochs, test acc {last['test_acc']['value']:.1f}%"
                     if "test_acc" in last else "no full epoch")
@@ -518,7 +482,7 @@ def train_command(args):
                                epoch=path[-1]["epoch"], step=path[-1]["step"],
                                metric="surface_loss", value=loss, w1=w1, w2=w2))
     total = time.perf_counter() - wall
-    for path in draw(csv_path, args.out):
+    for path in draw(csv_path, out):
         print(f"wrote {path}")
     print(f"wrote {csv_path}")
     print(summary(csv_path).to_string(index=False))

@@ -3,8 +3,10 @@
 Public API:
     batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, stats="single_pass", residual=None, activation=None)
-    BatchNorm2d(num_features, ..., *, stats="single_pass", activation=None)
-    convert_batchnorm(module, **kwargs)
+    BatchNorm1d / BatchNorm2d / BatchNorm3d(num_features, ..., *, stats="single_pass",
+                                            activation=None)
+    convert_batchnorm(module, **kwargs): the returned module's conversion_report says
+        what was converted and what was kept, with the reason
     fold_conv_bn(conv, bn), fold_batchnorm(model, inplace=False), BatchNormInference
     set_autotune(enabled): try num_warps 4/8/16 per shape (also BNBENCH_AUTOTUNE=1)
     set_interpreter_plans(fast): few programs and large tiles for interpreted (CPU) launches
@@ -14,11 +16,13 @@ before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
 """
 
 from .fold import BatchNormInference, FoldRecord, FoldReport, fold_batchnorm, fold_conv_bn
-from .modules import BatchNorm2d, convert_batchnorm
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ConversionRecord, ConversionReport,
+                      convert_batchnorm)
 from ._layout import set_interpreter_plans
 from ._tuning import set_autotune
 from .ops import INTERPRETED, batch_norm, uses_triton
 
-__all__ = ["BatchNorm2d", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ConversionRecord",
+           "ConversionReport", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
            "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord",
            "FoldReport", "fold_batchnorm", "fold_conv_bn"]

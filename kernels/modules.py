@@ -1,4 +1,7 @@
-"""``kernels.BatchNorm2d``: a drop-in ``torch.nn.BatchNorm2d`` on the Triton kernels."""
+"""The module family ``kernels.BatchNorm1d/2d/3d``: drop-ins for ``torch.nn.BatchNorm*d`` on the
+Triton kernels, and ``convert_batchnorm``, which swaps them into a model where that is exact."""
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -7,8 +10,8 @@ from .forward import STATS_MODES
 from .ops import ACTIVATIONS, batch_norm, check_batch_norm_args
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` computed by the Triton kernels.
+class _BatchNormKernels:
+    """The shared implementation (as torch's ``_BatchNorm``), mixed in before a torch class.
 
     Same parameters, buffers, ``state_dict`` keys, running-stat rules
     (``momentum=None`` = cumulative average over ``num_batches_tracked``) and
@@ -16,7 +19,7 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     Args:
         stats: "single_pass" (default) or "two_pass" batch statistics.
-        activation: None or "relu", fused after the affine step.
+        activation: None or "relu", fused after the affine step (and the residual).
 
     ``forward(input, residual=None)`` computes ``act(bn(input) + residual)``.
     A call that raises leaves the running stats and ``num_batches_tracked`` as they were.
@@ -28,7 +31,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         if stats not in STATS_MODES:
             raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype, **torch_kwargs)
         self.stats = stats
@@ -36,6 +39,12 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, stats={self.stats!r}, activation={self.activation!r}"
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__module__}.{type(self).__name__}: "
+            f"it calls Triton kernels from Python, which TorchScript cannot represent. Use "
+            f"torch.compile (no graph break), torch.export.export, or torch.jit.trace instead")
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)
@@ -47,7 +56,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         momentum = 0.0 if self.momentum is None else self.momentum
         # check before counting the batch, so a refused call changes nothing
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
-                              bn_training, momentum, self.stats, residual, self.activation)
+                              bn_training, momentum, self.stats, residual, self.activation,
+                              self.eps)
         cumulative = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -58,29 +68,181 @@ class BatchNorm2d(nn.BatchNorm2d):
                           activation=self.activation, num_batches_tracked=cumulative)
 
 
+class BatchNorm1d(_BatchNormKernels, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on the Triton kernels: input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_BatchNormKernels, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on the Triton kernels: input (N, C, H, W)."""
+
+
+class BatchNorm3d(_BatchNormKernels, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on the Triton kernels: input (N, C, D, H, W)."""
+
+
+# the torch class each of ours replaces
+KERNELS_FOR = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+               nn.BatchNorm3d: BatchNorm3d}
+
+# module dicts whose hooks a converted module keeps (shared, so a handle's remove() still works)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+@dataclass
+class ConversionRecord:
+    name: str  # qualified name in the model ("" for the top module)
+    kind: str  # the module's class
+    converted: bool
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert_batchnorm`` did with each BatchNorm-like module it met."""
+
+    records: list = field(default_factory=list)
+
+    @property
+    def converted(self):
+        return [r for r in self.records if r.converted]
+
+    @property
+    def kept(self):
+        return [r for r in self.records if not r.converted]
+
+    def __str__(self):
+        lines = [f"convert_batchnorm: {len(self.converted)} converted, {len(self.kept)} kept"]
+        lines += [f"  {r.name or '<top>'} ({r.kind}): "
+                  f"{'converted' if r.converted else 'kept'}: {r.reason}" for r in self.records]
+        return "\n".join(lines)
+
+
+def _torch_base(module):
+    """The torch BatchNorm class `module` is an instance of, or None."""
+    return next((base for base in KERNELS_FOR if isinstance(module, base)), None)
+
+
+def _why_not_exact(module):
+    """None when `module` can be converted exactly, else the reason it cannot."""
+    kind = type(module)
+    if kind in KERNELS_FOR or kind in KERNELS_FOR.values():
+        return None
+    base = _torch_base(module)
+    # a subclass that only sets things up in __init__ behaves as its torch base
+    own = {name for cls in kind.__mro__[:kind.__mro__.index(base)]
+           for name in vars(cls) if not name.startswith("__") or name in ("__call__",)}
+    if own:
+        return (f"a subclass of torch.nn.{base.__name__} with its own behaviour "
+                f"({', '.join(sorted(own))}): converting it would drop that")
+    fresh = base(module.num_features, module.eps, module.momentum, module.affine,
+                 module.track_running_stats, device="meta")
+    extra = (set(dict(module.named_parameters(recurse=False)))
+             | set(dict(module.named_buffers(recurse=False)))) \
+        - (set(dict(fresh.named_parameters(recurse=False)))
+           | set(dict(fresh.named_buffers(recurse=False))))
+    if extra or list(module.children()):
+        what = sorted(f"{n!r}" for n in extra) + (["submodules"] if list(module.children()) else [])
+        return (f"a subclass of torch.nn.{base.__name__} with state of its own "
+                f"({', '.join(what)}): converting it would drop that")
+    return None
+
+
+def _zoo_converter():
+    """kernels.zoo's converter of known model-zoo BatchNorms (timm, torchvision), if present."""
+    try:
+        from .zoo import convert_zoo_module
+    except ImportError:
+        return None
+    return convert_zoo_module
+
+
+def _carry_over(old, new):
+    """Parameters, buffers (the same objects), training flag, hooks and attributes."""
+    if old.affine:
+        new.weight, new.bias = old.weight, old.bias
+    new.running_mean, new.running_var = old.running_mean, old.running_var
+    new.num_batches_tracked = old.num_batches_tracked
+    new.train(old.training)
+    for name in _HOOK_DICTS:
+        if name in vars(old):
+            setattr(new, name, getattr(old, name))
+    for name, value in vars(old).items():  # user attributes (qconfig, tags, ...)
+        if name not in vars(new):
+            setattr(new, name, value)
+
+
+def _convert_one(module, options):
+    """(new module or None, reason) for one BatchNorm module."""
+    kind = type(module)
+    if isinstance(module, _BatchNormKernels) and kind in KERNELS_FOR.values():
+        if not options:
+            return None, "already a kernels module"
+        cls, opts = kind, {"stats": module.stats, "activation": module.activation, **options}
+    else:
+        why = _why_not_exact(module)
+        if why is not None:
+            return None, why
+        cls, opts = KERNELS_FOR[_torch_base(module)], options
+    new = cls(module.num_features, module.eps, module.momentum, module.affine,
+              module.track_running_stats, device="meta", **opts)
+    _carry_over(module, new)
+    return new, f"into kernels.{cls.__name__}"
+
+
 def convert_batchnorm(module, **kwargs):
-    """Return `module` with every ``torch.nn.BatchNorm2d`` replaced by :class:`BatchNorm2d`.
+    """Return `module` with every ``torch.nn.BatchNorm1d/2d/3d`` replaced by the kernels' module.
+
+    Exactly these torch classes are converted, and ``kernels``' own modules (given new
+    `kwargs`); a subclass with its own methods, parameters, buffers or submodules is
+    left as it is (converting it would drop its behaviour), and so is any other
+    BatchNorm (``SyncBatchNorm``, lazy modules).  Known model-zoo BatchNorms are
+    converted by ``kernels.zoo`` where it knows an exact equivalent.
 
     Parameters and buffers are carried over (the same Parameter objects, as
-    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), with the training
-    flag.  `kwargs` (``stats=``, ``activation=``) go to each new module.  A
-    module that is itself a BatchNorm2d is returned converted; others are
-    changed in place.
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), with the training flag,
+    hooks and instance attributes; a module registered at two places stays one
+    module.  `kwargs` (``stats=``, ``activation=``) go to each new module.  A module
+    that is itself a BatchNorm is returned converted; others are changed in place.
+    The returned module's ``conversion_report`` lists every BatchNorm met, converted
+    or kept, with the reason.
     """
-    out = module
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, BatchNorm2d):
-        out = BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                          module.track_running_stats, **kwargs)
-        if module.affine:
-            with torch.no_grad():
-                out.weight = module.weight
-                out.bias = module.bias
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-        if hasattr(module, "qconfig"):
-            out.qconfig = module.qconfig
-    for name, child in module.named_children():
-        out.add_module(name, convert_batchnorm(child, **kwargs))
+    unknown = set(kwargs) - {"stats", "activation"}
+    if unknown:
+        raise TypeError(f"convert_batchnorm() got unexpected options {sorted(unknown)}; "
+                        f"it takes stats= and activation=")
+    report, done, zoo = ConversionReport(), {}, _zoo_converter()
+
+    def convert(mod, name):
+        if id(mod) in done:
+            return done[id(mod)]
+        new, reason = None, None
+        if zoo is not None:
+            new = zoo(mod, **kwargs)
+            reason = "known model-zoo module, converted exactly" if new is not None else None
+        if new is None and isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if _torch_base(mod) is None:
+                reason = (f"{type(mod).__name__} is not a BatchNorm1d/2d/3d "
+                          f"(e.g. SyncBatchNorm): left as it is")
+            else:
+                new, reason = _convert_one(mod, kwargs)
+        if reason is not None:
+            report.records.append(ConversionRecord(name, type(mod).__name__, new is not None,
+                                                   reason))
+        out = mod if new is None else new
+        done[id(mod)] = out
+        if out is mod:  # recurse into what stays (a converted BN has no children)
+            for child_name, child in list(mod._modules.items()):  # named_children() would
+                if child is None:                                   # skip a repeated module
+                    continue
+                converted = convert(child, f"{name}.{child_name}" if name else child_name)
+                if converted is not child:
+                    out.add_module(child_name, converted)
+        return out
+
+    with torch.no_grad():
+        out = convert(module, "")
+    out.conversion_report = report
     return out

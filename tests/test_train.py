@@ -6,6 +6,7 @@ three-conv training step takes tens of seconds.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,14 +181,29 @@ def test_step_cap_stops_kernels_variants_and_keeps_the_data_order(device):
 
 def test_command_from_another_directory_writes_csv_plots_and_summary(tmp_path):
     """`python -m bnbench.train` sets up Triton itself; the kernels variants are left out
-    (--kernel-steps 0) to keep this fast: the parity tests above train them."""
+    (--kernel-steps 0) to keep this fast: the parity tests above train them.  --quick writes
+    results/train_quick/ and leaves a full run's results/train/ alone."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    out = tmp_path / "out"
+    full = tmp_path / "results" / "train"
+    full.mkdir(parents=True)
+    (full / "train.csv").write_text("a full run\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "bnbench.train", "--quick", "--kernel-steps", "0",
-         "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "bnbench.train", "--quick", "--kernel-steps", "0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in full.iterdir()] == ["train.csv"]
+    assert (full / "train.csv").read_text() == "a full run\n"
+    out = tmp_path / "results" / "train_quick"
+    assert T.QUICK_OUT == Path("results/train_quick")
+    # its own banner (not run's about time columns), a progress bar naming each variant,
+    # and the thread count bnbench run uses (one rule, environment.set_cpu_threads)
+    if not torch.cuda.is_available():
+        assert proc.stdout.startswith("bnbench train: no CUDA GPU found")
+        assert "time columns" not in proc.stdout
+        assert "(1 threads)" in proc.stdout
+    for variant in ("three_convs no_bn", "three_convs torch_bn", "lenet_bn torch_bn"):
+        assert re.search(rf"{variant}: 100%.*1/1 \[", proc.stderr), proc.stderr[-2000:]
     df = pd.read_csv(out / "train.csv")
     assert list(df.columns) == list(T.COLUMNS)
     assert (df.triton_mode == ("compiled" if torch.cuda.is_available() else "interpreter")).all()

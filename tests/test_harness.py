@@ -8,7 +8,9 @@ and conv_bn_eval cases are checked against the formulas written out here.
 """
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,6 +25,7 @@ from bnbench.shapes import SHAPE_SETS, parse_shapes, resnet50_bn_shapes
 from helpers import TOL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_resnet50_shapes_run_from_stem_to_last_block():
@@ -398,3 +401,66 @@ def test_profiler_failure_leaves_the_row_with_an_unknown_backend(monkeypatch):
     assert row["status"] == "ok" and row["backend"] == "unknown"
     assert row["error"] == "backend not identified: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
     assert row["median_ms"] > 0 and row["rel_l2_err"] < 1e-5
+
+
+@pytest.mark.quick
+def test_quick_runs_are_named_quick():
+    """A quick run (the default without a GPU) never writes over a full run's CSV."""
+    from bnbench import run
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    run.add_parser(sub)
+    for argv, device, label in [(["run", "--quick"], "cuda", "quick"),
+                                (["run"], "cpu", "quick"), (["run"], "cuda", "resnet50")]:
+        _, got = run.resolve(parser.parse_args(argv), device)
+        assert got == label, (argv, device)
+
+
+def _git(*args):
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+
+@pytest.mark.quick
+def test_provenance_in_a_checkout_and_outside_git(tmp_path, monkeypatch):
+    import importlib.metadata
+    import shutil
+    import subprocess
+    import sys
+
+    from bnbench import environment
+
+    # in the checkout: HEAD, "-dirty" when kernels/ or bnbench/ differ from it
+    head = _git("rev-parse", "HEAD").stdout.strip()
+    commit = environment.git_commit()
+    dirty = _git("diff", "--quiet", "HEAD", "--", "kernels", "bnbench").returncode == 1
+    assert commit == head + ("-dirty" if dirty else "")
+    version = importlib.metadata.version("bnbench")
+    assert environment.provenance() == {"bnbench_version": version, "git_commit": commit}
+    assert "bnbench_version" in report.COLUMNS
+    # a copy of the package outside git (as `pip install .` leaves it): the version, and
+    # "unknown" for the commit, since pip recorded none
+    copy = tmp_path / "site"
+    shutil.copytree(ROOT / "bnbench", copy / "bnbench",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run(
+        [sys.executable, "-c", "import bnbench.environment as e, json; "
+         "print(e.__file__); print(json.dumps(e.provenance()))"],
+        cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)},
+        capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    where, provenance = out.stdout.splitlines()
+    assert where.startswith(str(copy))
+    assert json.loads(provenance) == {"bnbench_version": version,
+                                                    "git_commit": "unknown"}
+    # installed from a git URL: the commit pip wrote in direct_url.json
+
+    class Dist:
+        def read_text(self, name):
+            assert name == "direct_url.json"
+            return '{"url": "https://example.org/bnbench.git", "vcs_info": ' \
+                   '{"vcs": "git", "commit_id": "0123abcd"}}'
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    assert environment.git_commit(root=tmp_path) == "0123abcd"

@@ -20,6 +20,7 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 
 COMMANDS = ["run", "plot", "traffic", "inspect", "train"]
 # commands whose module imports torch at the top keep their parser elsewhere
@@ -64,7 +65,7 @@ def prepare_device(banner=BANNER):
         return "cuda"
     os.environ["TRITON_INTERPRET"] = "1"
     if banner:
-        print(banner, flush=True)
+        print(textwrap.fill(banner, 100), flush=True)
     return "cpu"
 
 

@@ -27,6 +27,7 @@ modes ``cudnn`` where cuDNN ran (else ``torch_native``, as on a CPU); in conv_bn
 
 import csv
 import math
+import textwrap
 
 from .numerics import ERROR_COLUMNS
 
@@ -203,8 +204,70 @@ def _number(spec):
     return fmt
 
 
-def format_summary(table):
-    """The summary as text: speeds and ratios to 3 significant digits, errors as %.1e."""
-    fmt = {c: _number("{:.3g}") for c in table.columns if c in ("GB/s", "%copy_bw", "speedup")}
+GROUP = ("mode", "fusion", "dtype", "layout")
+
+
+def sweep_lines(df):
+    """What the sweep held, for the summary's header: device, shapes, batch sizes, dtypes."""
+    shapes = sorted(set(zip(df["C"], df["H"], df["W"])))
+    sizes = sorted(set(df["N"]))
+    first = df.iloc[0]
+    lines = [f"device: {first['device']}"
+             + (f" (Triton {first['triton_mode']})" if "triton_mode" in df else ""),
+             f"shapes CxHxW: {', '.join(f'{c}x{h}x{w}' for c, h, w in shapes)}; batch sizes N: "
+             f"{', '.join(str(n) for n in sizes)}"]
+    return [textwrap.fill(line, 100, subsequent_indent="  ") for line in lines]
+
+
+def legend_lines(df):
+    """One line per column and abbreviation of the summary."""
+    _, base = with_speedup(df)
+    copy = df["copy_gbps"].dropna() if "copy_gbps" in df else []
+    copy = f" ({float(copy.iloc[0]):.1f} GB/s, measured at the run's start)" if len(copy) else ""
+    per_group = len(set(zip(df["C"], df["H"], df["W"]))) * df["N"].nunique()
+    lines = [
+        "mode fusion dtype layout: the case above each block; impl: the implementation, "
+        "backend: what actually ran",
+        f"ok: rows without error / rows run (one per shape x batch size: {per_group})",
+        "GB/s: median over those rows of minimal bytes / median time",
+        f"%copy: GB/s as a percentage of the device's copy bandwidth{copy}",
+        f"speedup: geometric mean over those rows of {base}'s time / this time"
+        + (" (conv+cudnn's in conv_bn_eval)" if (df["mode"] == "conv_bn_eval").any() else ""),
+        "worst_abs_err, worst_rel_l2: largest max-abs and relative-L2 error against float64, "
+        "over the rows and y, dx, dweight, dbias, dresidual, running stats",
+    ]
+    if "triton_mode" in df and (df["triton_mode"] == "interpreter").any():
+        lines.append("-: not measured (Triton through the interpreter is never timed; "
+                     "errors only)")
+    else:
+        lines.append("-: not measured")
+    return [textwrap.fill(line, 100, subsequent_indent="  ") for line in lines]
+
+
+def format_summary(table, df=None):
+    """The summary as text, at most about 100 columns: one block per (mode, fusion, dtype,
+    layout), speeds and ratios to 3 significant digits, errors as %.1e.  With the run's
+    rows `df`, a header naming the shapes and batch sizes and a legend of every column."""
+    fmt = {c: _number("{:.3g}") for c in ("GB/s", "%copy", "speedup")}
     fmt.update({c: _number("{:.1e}") for c in ("worst_abs_err", "worst_rel_l2")})
-    return table.to_string(index=False, formatters=fmt, na_rep="-")
+    shown = table.rename(columns={"%copy_bw": "%copy"})
+    cols = [c for c in shown.columns if c not in GROUP + ("over",)]
+    cells = {c: [fmt.get(c, str)(v) for v in shown[c]] for c in cols}
+    widths = {c: max([len(c)] + [len(v) for v in cells[c]]) for c in cols}
+    left = ("impl", "backend", "ok")  # names left-aligned, numbers right-aligned
+
+    def line(values):
+        return " ".join(v.ljust(widths[c]) if c in left else v.rjust(widths[c])
+                        for c, v in zip(cols, values)).rstrip()
+    lines = [line(cols)] + [line(row) for row in zip(*(cells[c] for c in cols))]
+    out = [] if df is None else sweep_lines(df) + [""]
+    out.append("  " + lines[0])
+    previous = None
+    for key, line in zip(shown[list(GROUP)].itertuples(index=False, name=None), lines[1:]):
+        if key != previous:
+            out.append(" ".join(str(k) for k in key))
+            previous = key
+        out.append("  " + line)
+    if df is not None:
+        out += [""] + legend_lines(df)
+    return "\n".join(out)

@@ -21,6 +21,7 @@ threads (1 by default).
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from .cases import ALL_MODES, DTYPE_ALIASES, DTYPES, FUSIONS, LAYOUTS, MODES
@@ -170,9 +171,11 @@ def run_command(args):
     name = args.name or f"run_{label}_{environment.device_slug(device)}"
     csv_path = args.out / f"{name}.csv"
     replaces = " (replacing the one there)" if csv_path.exists() else ""
-    print(f"bnbench run: {len(cases)} cases, {total} rows on {run_fields['device']} "
-          f"(Triton {run_fields['triton_mode']}, TF32 {tf32}, copy bandwidth "
-          f"{run_fields['copy_gbps']:.1f} GB/s) -> {csv_path}{replaces}", flush=True)
+    print(textwrap.fill(
+        f"bnbench run: {len(cases)} cases, {total} rows on {run_fields['device']} "
+        f"(Triton {run_fields['triton_mode']}, TF32 {tf32}, copy bandwidth "
+        f"{run_fields['copy_gbps']:.1f} GB/s) -> {csv_path}{replaces}", 100,
+        subsequent_indent="  ", break_on_hyphens=False, break_long_words=False), flush=True)
 
     with report.CsvWriter(csv_path, run_fields) as writer, \
             tqdm(total=total, desc="bnbench run", unit="row", file=sys.stderr) as bar:
@@ -190,7 +193,7 @@ def run_command(args):
 
     df = report.read(csv_path)
     print()
-    print(report.format_summary(report.summary(df)))
+    print(report.format_summary(report.summary(df), df))
     failed = df[df["status"] == "error"]
     skipped = df[df["status"] == "skipped"]
     print(f"\n{len(df)} rows in {csv_path}: {len(df) - len(failed) - len(skipped)} ok, "

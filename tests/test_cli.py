@@ -183,7 +183,7 @@ def test_triton_rows_times_only_on_a_gpu(sweep):
         assert (df["triton_mode"] == "compiled").all()
     else:
         assert out.stdout.startswith(BANNER_START)
-        assert "no speed comparison is possible without a GPU" in out.stdout
+        assert "no speed comparison is possible without a GPU" in " ".join(out.stdout.split())
         assert triton[TIME_COLUMNS + ["peak_mem_mb"]].isna().all().all()
         assert set(triton["backend"]) == {"triton_interpreter"}
         assert (df["triton_mode"] == "interpreter").all()
@@ -226,6 +226,10 @@ def test_summary_table_and_plots(sweep):
     assert "worst_rel_l2" in out.stdout
     for impl in SWEEP_IMPLS:
         assert impl in out.stdout
+    # what the sweep held, on screen (the summary's header; its width: test_harness)
+    assert "shapes CxHxW: 6x5x3; batch sizes N: 2, 3" in out.stdout
+    assert max(len(line) for line in out.stdout.splitlines()
+               if str(path.parent) not in line) <= 100  # but for the lines naming the files
     pngs = [path.with_name(f"{path.stem}_{kind}.png") for kind in ("throughput", "speedup",
                                                                   "error")]
     for png in pngs:

@@ -464,3 +464,20 @@ def test_provenance_in_a_checkout_and_outside_git(tmp_path, monkeypatch):
                    '{"vcs": "git", "commit_id": "0123abcd"}}'
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
     assert environment.git_commit(root=tmp_path) == "0123abcd"
+
+
+@pytest.mark.quick
+def test_summary_fits_100_columns_and_explains_every_column():
+    df = report.read(ROOT / "results" / "run_quick_cpu.csv")
+    text = report.format_summary(report.summary(df), df)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    header = next(line for line in lines if line.lstrip().startswith("impl"))
+    legend = text[text.rindex("\n\n"):]
+    for column in header.split():
+        assert f"{column}:" in legend or f"{column}," in legend, column
+    assert "-: not measured" in legend and "torch_native's time" in legend
+    shapes = ", ".join(f"{c}x{h}x{w}" for c, h, w in sorted(set(zip(df.C, df.H, df.W))))
+    assert f"shapes CxHxW: {shapes}; batch sizes N: 2, 8" in text
+    # one block per case, its rows under it
+    assert "\ntrain_fwd_bwd none bfloat16 nhwc\n  triton_two_pass " in text

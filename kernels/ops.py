@@ -452,6 +452,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         The normalised tensor, differentiable in input, weight, bias and residual
         (any order, forward and reverse mode, and under torch.func transforms).
     """
+    if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
+        # an empty 0-D/1-D input: torch accepts it and has nothing to compute
+        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, residual, activation)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
                           stats, residual, activation, eps)
     if not uses_triton(input) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():

@@ -72,21 +72,43 @@ class Compiled:
 def record_launches(scenario=""):
     """Within the block, `kernel[grid](...)` appends a Launch to the yielded list instead of
     running (compiled or interpreted kernels alike; tensors may be on the meta device)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     launches = []
-    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
-    def record(self, *args, grid, warmup, **kwargs):
+    def record(self, *args, grid, warmup=False, **kwargs):
         launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
 
-    for cls in originals:
-        cls.run = record
+    def record_grid(self, grid):
+        return lambda *args, **kwargs: record(self, *args, grid=grid, **kwargs)
+
+    originals = []  # (class, attribute, original)
+    for cls, name, replacement in _launch_hooks(record, record_grid):
+        originals.append((cls, name, cls.__dict__[name]))
+        setattr(cls, name, replacement)
     try:
         yield launches
     finally:
-        for cls, run in originals.items():
-            cls.run = run
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+
+
+def _launch_hooks(record, record_grid):
+    """(class, attribute, replacement) that route `kernel[grid](...)` to the recorder.
+
+    Triton's internals, checked per version: ``JITFunction.run`` (every version this
+    supports), and the interpreter's ``InterpretedFunction``: a class-level ``run`` in
+    Triton 3.4+, whereas Triton 3.3 sets ``run`` on each instance and launches
+    ``kernel[grid]`` through ``InterpretedFunction.__getitem__`` (recorded there; an
+    autotuned launch under 3.3's interpreter is not recorded)."""
+    hooks = [(JITFunction, "run", record)]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return hooks
+    if "run" in InterpretedFunction.__dict__:
+        hooks.append((InterpretedFunction, "run", record))
+    elif "__getitem__" in InterpretedFunction.__dict__:
+        hooks.append((InterpretedFunction, "__getitem__", record_grid))
+    return hooks
 
 
 def _tensor(shape, dtype, channels_last=False):
@@ -235,7 +257,25 @@ def _bind(launch, target):
     backend = make_backend(target)
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    return launch.fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+    if hasattr(launch.fn, "_pack_args"):  # Triton 3.4+: the step JITFunction.run takes
+        return launch.fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+    return _pack_args(launch.fn, backend, launch.kwargs, bound, specialization)
+
+
+def _pack_args(fn, backend, kwargs, bound_args, specialization):
+    """Triton 3.3's JITFunction.run inlines what 3.4+ names ``_pack_args``: the same steps
+    (options, signature, constexprs, attributes), copied from 3.3's ``run``."""
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    sigvals = [x[0] for x in specialization]
+    signature = {p.name: v for p, v in zip(fn.params, sigvals)}
+    constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+    constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
+    attrvals = [x[1] for x in specialization]
+    attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
+    return options, signature, constexprs, attrs
 
 
 def _signature_key(launch):
@@ -264,6 +304,12 @@ def _widest(ptx, op):
     return widest
 
 
+def _tool_path(tool):
+    """The binary's path: a ``knobs.NvidiaTool`` (Triton 3.4+: ``.path``) or, in Triton 3.3,
+    a (path, version) tuple."""
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+
 def _ptxas_resources(ptx, arch):
     """(registers, stack frame, spill stores, spill loads) from `ptxas -v` on the PTX."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
@@ -273,7 +319,7 @@ def _ptxas_resources(ptx, arch):
         with open(src, "w") as f:
             f.write(ptx)
         res = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+            [_tool_path(get_ptxas(arch)), "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
              "-o", os.path.join(d, "k.cubin")],
             capture_output=True, text=True, check=True)
     log = res.stdout + res.stderr

@@ -16,14 +16,15 @@ from helpers import assert_close, f64
 
 STATS = ["single_pass", "two_pass"]
 FUSIONS = {  # name: (activation, with a residual)
-    "none": (None, False), "relu": ("relu", False), "residual+relu": ("relu", True)}
+    "none": (None, False), "relu": ("relu", False), "residual+relu": ("relu", True),
+    "residual+silu": ("silu", True)}
 
 
 def _ref(x, rm, rv, w, b, training, momentum=0.1, eps=1e-5, residual=None, activation=None):
     y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return torch.relu(y) if activation == "relu" else y
+    return {"relu": torch.relu, "silu": F.silu}.get(activation, lambda t: t)(y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +166,9 @@ def test_double_backward_matches_torch(fusion, training, device):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_forward_ad_and_forward_over_reverse_match_torch(training):
-    act, (x, w, b, r), rm, rv = _diff_inputs("residual+relu", training)
+@pytest.mark.parametrize("fusion", ["residual+relu", "residual+silu"])
+def test_forward_ad_and_forward_over_reverse_match_torch(training, fusion):
+    act, (x, w, b, r), rm, rv = _diff_inputs(fusion, training)
     tangents = tuple(torch.randn_like(t) for t in (x, w, b, r))
     primals = tuple(t.detach() for t in (x, w, b, r))
 

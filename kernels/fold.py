@@ -26,6 +26,12 @@ when the BN comes before the conv (zero padding then pads normalised values with
 0 where the fold would pad unnormalised ones).  :func:`fold_batchnorm` folds only
 the exact cases and runs every other BN with :class:`BatchNormInference`.
 
+Model zoos (:mod:`kernels.zoo`): timm's ``BatchNormAct2d`` (and ``SyncBatchNormAct``,
+``FrozenBatchNormAct2d``) and torchvision's ``FrozenBatchNorm2d`` are recognised by their
+contract: their BN part folds (the same maths from their own statistics), and their
+``drop`` and ``act`` modules stay after the conv as modules.  Any other BatchNorm-like
+module (a subclass, an unknown class) is left as it is and listed with its reason.
+
 Assumed, not checked: a Conv1d followed by a BatchNorm1d gets batched (N, C, L)
 input, and a Linear followed by a BatchNorm1d gets (N, features) input (with
 unbatched or (N, L, F) input the BN would normalise another axis; such models
@@ -34,6 +40,7 @@ only run when two sizes happen to agree).
 
 import copy
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +65,34 @@ _BN_RANK = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatc
             BatchNorm2d: 2}
 
 
+def _zoo(bn):
+    """The kernels.zoo description of a recognised zoo BatchNorm, or None."""
+    from .zoo import zoo_batchnorm
+
+    return zoo_batchnorm(bn)
+
+
+def _foldable_type(bn):
+    """A BN class fold_conv_bn takes: torch's, the project's, or a recognised zoo one."""
+    return type(bn) in _BN_RANK or _zoo(bn) is not None
+
+
+def _bn_rank(bn):
+    zb = _zoo(bn)
+    return zb.rank if zb is not None else _BN_RANK[type(bn)]
+
+
+def _num_features(bn):
+    zb = _zoo(bn)
+    return zb.num_features if zb is not None else bn.num_features
+
+
+def _is_frozen(bn):
+    """Normalises with fixed statistics in train mode too (the frozen zoo modules)."""
+    zb = _zoo(bn)
+    return zb is not None and zb.frozen
+
+
 def _out_features(conv):
     return conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
 
@@ -69,9 +104,16 @@ def _fold_dtype(device):
 
 def _check_bn(bn):
     """Raise the ValueError that says why `bn` cannot be folded, if it cannot."""
-    if type(bn) not in _BN_RANK:
-        raise TypeError(f"fold_conv_bn: expected a torch BatchNorm1d/2d/3d or SyncBatchNorm "
-                        f"(or kernels.BatchNorm2d), got {type(bn).__name__}")
+    if not _foldable_type(bn):
+        from .zoo import unknown_batchnorm_reason
+
+        why = unknown_batchnorm_reason(bn)
+        raise TypeError(f"fold_conv_bn: expected a torch BatchNorm1d/2d/3d or SyncBatchNorm, "
+                        f"kernels.BatchNorm2d, timm's BatchNormAct2d/SyncBatchNormAct/"
+                        f"FrozenBatchNormAct2d or torchvision's FrozenBatchNorm2d, got "
+                        f"{type(bn).__name__}" + (f" ({why})" if why else ""))
+    if _is_frozen(bn):
+        return
     if bn.training:
         raise ValueError("fold_conv_bn: the BatchNorm is in training mode, where it normalises "
                          "with each batch's statistics, which no fixed weights reproduce; call "
@@ -94,10 +136,16 @@ def fold_conv_bn(conv, bn):
             Not modified.
         bn: an ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` or
             ``kernels.BatchNorm2d`` (without activation) in eval mode, with
-            running statistics, over ``conv``'s output channels.  Not modified.
+            running statistics, over ``conv``'s output channels; or a zoo BN
+            (:mod:`kernels.zoo`): timm's ``BatchNormAct2d``/``SyncBatchNormAct`` in
+            eval mode, timm's ``FrozenBatchNormAct2d``, torchvision's
+            ``FrozenBatchNorm2d`` (any mode: it is frozen).  Not modified.
 
     Returns:
-        A copy of ``conv`` (same class, stride, padding, padding mode, dilation,
+        For a BN with a ``drop`` and ``act`` after it (timm's ``*Act2d``, when they
+        are not identities): ``nn.Sequential(conv=folded conv, drop=..., act=...)``
+        (copies of those modules, identities left out), equal to ``bn(conv(x))``.
+        Otherwise a copy of ``conv`` (same class, stride, padding, padding mode, dilation,
         groups, device, dtype) whose weight is scaled per output channel and
         which always has a bias; both parameters are new and keep the
         ``requires_grad`` of the conv's weight (the bias: of the conv's bias
@@ -115,9 +163,26 @@ def fold_conv_bn(conv, bn):
                         f"{type(conv).__name__}")
     _check_bn(bn)
     C = _out_features(conv)
-    if bn.num_features != C:
-        raise ValueError(f"fold_conv_bn: the BatchNorm has {bn.num_features} channels but the "
+    if _num_features(bn) != C:
+        raise ValueError(f"fold_conv_bn: the BatchNorm has {_num_features(bn)} channels but the "
                          f"{type(conv).__name__} has {C} output channels")
+    if _bn_rank(bn) not in (None, _CONV_RANK[type(conv)]):
+        raise ValueError(f"fold_conv_bn: a {type(conv).__name__} does not feed a "
+                         f"{type(bn).__name__} (it takes {_bn_rank(bn) + 2}-D input)")
+    folded = _fold_pair(conv, bn)
+    zb = _zoo(bn)
+    if zb is not None and zb.act is not None:
+        from .zoo import drop_act
+
+        after = drop_act(zb, copy=True)
+        if not isinstance(after, nn.Identity):
+            return nn.Sequential(OrderedDict([("conv", folded), *after.named_children()]))
+    return folded
+
+
+def _fold_pair(conv, bn):
+    """The folded copy of `conv` (checks done by the caller)."""
+    C = _out_features(conv)
     w = conv.weight.detach()
     acc = _fold_dtype(w.device)
     with torch.no_grad():
@@ -274,8 +339,10 @@ class _Tracer(fx.Tracer):
     """fx tracer that keeps convs, Linear and every BN (ours included) as leaf calls."""
 
     def is_leaf_module(self, m, module_qualified_name):
+        from .zoo import looks_like_batchnorm
+
         return (isinstance(m, (_BatchNorm, BatchNormInference, nn.modules.conv._ConvNd, nn.Linear))
-                or super().is_leaf_module(m, module_qualified_name))
+                or looks_like_batchnorm(m) or super().is_leaf_module(m, module_qualified_name))
 
 
 def _has_hooks(m):
@@ -296,8 +363,22 @@ class _Decision:
     relu: nn.Module | None = None
 
 
+def _has_act(bn):
+    """A zoo BN whose drop/act epilogue is not an identity (a following ReLU cannot fuse)."""
+    zb = _zoo(bn)
+    if zb is None or zb.act is None:
+        return False
+    from .zoo import drop_act
+
+    return not isinstance(drop_act(zb), nn.Identity)
+
+
 def _unfoldable_bn(bn):
     """Why this BN is handled apart from folding ((action, reason)), or None when it may fold."""
+    if not _foldable_type(bn):
+        from .zoo import unknown_batchnorm_reason
+
+        return "unchanged", unknown_batchnorm_reason(bn) or "not a BatchNorm class it knows"
     if _has_hooks(bn):
         return "unchanged", "it has hooks, which a replacement would lose"
     if bn.running_mean is None or bn.running_var is None:
@@ -306,6 +387,8 @@ def _unfoldable_bn(bn):
             return "batch_stats", why
         if type(bn) is BatchNorm2d:
             return "unchanged", why + " (already a kernels.BatchNorm2d)"
+        if _zoo(bn) is not None:
+            return "unchanged", why + " (a zoo module with its own drop and act: kept as is)"
         return "unchanged", why + " (kernels.BatchNorm2d takes 4-D input only, so kept as is)"
     if getattr(bn, "activation", None) is not None:
         return "inference", f"it applies activation={bn.activation!r}, which a conv cannot"
@@ -318,11 +401,11 @@ def _conv_fits(conv, bn):
         return f"its input comes from a {type(conv).__name__}, not a torch conv or Linear"
     if _has_hooks(conv):
         return "the conv has hooks, which would see folded values"
-    rank = _BN_RANK[type(bn)]
+    rank = _bn_rank(bn)
     if rank is not None and rank != _CONV_RANK[type(conv)]:
         return f"a {type(conv).__name__} does not feed a {type(bn).__name__}"
-    if _out_features(conv) != bn.num_features:
-        return f"the conv has {_out_features(conv)} output channels, the BN {bn.num_features}"
+    if _out_features(conv) != _num_features(bn):
+        return f"the conv has {_out_features(conv)} output channels, the BN {_num_features(bn)}"
     return ""
 
 
@@ -367,7 +450,7 @@ def _plan_fx(model, graph, bns):
 
     def fused_relu(bn, bn_calls):  # the ReLU module that takes every output of bn and only that
         users = [list(n.users) for n in bn_calls]
-        if not bn_calls or getattr(bn, "activation", None) is not None or \
+        if not bn_calls or getattr(bn, "activation", None) is not None or _has_act(bn) or \
                 any(len(u) != 1 or sole_input(u[0]) is None for u in users):
             return None
         relus = {module_of(u[0]) for u in users}
@@ -435,7 +518,7 @@ def _plan_sequential(model, bns, trace_error):
             d = plan.get(bn)
             if d is not None and d.action in ("inference", "batch_stats") and _is_relu(nxt) \
                     and counts[nxt] == 1 and counts[bn] == 1 \
-                    and getattr(bn, "activation", None) is None:
+                    and getattr(bn, "activation", None) is None and not _has_act(bn):
                 d.relu = nxt
     return plan
 
@@ -487,7 +570,13 @@ def fold_batchnorm(model, inplace=False):
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    bns = [m for m in dict.fromkeys(model.modules()) if type(m) in _BN_RANK and m is not model]
+    from .zoo import drop_act, looks_like_batchnorm, zoo_inference_module
+
+    bns = [m for m in dict.fromkeys(model.modules())
+           if m is not model and (type(m) in _BN_RANK or looks_like_batchnorm(m))]
+    # a BN-like module inside another one (a zoo module's act) is its parent's business
+    inner = {c for m in bns for c in m.modules() if c is not m}
+    bns = [m for m in bns if m not in inner]
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # any tracing failure (control flow on values, unsupported ops)
@@ -505,13 +594,17 @@ def fold_batchnorm(model, inplace=False):
     for bn in bns:
         d = plan[bn]
         relu_name = names.get(d.relu) if d.relu is not None else None
+        zb = _zoo(bn)
         if d.action == "fold":
-            new[d.conv] = fold_conv_bn(d.conv, bn)
-            new[bn] = nn.Identity()
+            new[d.conv] = _fold_pair(d.conv, bn)
+            # a zoo BN's drop and act stay, as modules in its place
+            new[bn] = drop_act(zb) if zb is not None and zb.act is not None else nn.Identity()
             report.records.append(FoldRecord(names[bn], "folded", conv=names[d.conv]))
             continue
         activation = "relu" if d.relu is not None else getattr(bn, "activation", None)
-        if d.action == "inference":
+        if d.action == "inference" and zb is not None:
+            new[bn] = zoo_inference_module(zb, activation)
+        elif d.action == "inference":
             new[bn] = BatchNormInference.from_batchnorm(bn, activation)
         elif d.action == "batch_stats":
             bs = BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,

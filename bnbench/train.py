@@ -14,8 +14,8 @@ train/test split (80/20, ``random_state=0``: 1,437 / 360 images):
   sigmoid activations, on 28x28 images (the seed's Fashion-MNIST size, so its
   ``Linear(16*4*4, 120)`` applies unchanged); batch 256, SGD lr 1.0, 10 epochs, Xavier-uniform
   weights (d2l's ``train_ch6``).  Variants: ``torch_bn`` and ``kernels_single_pass``
-  (``kernels.BatchNorm2d`` after the convs; after the linears, :class:`KernelsBatchNorm1d`,
-  which calls the functional ``kernels.batch_norm`` on the (N, C) activations).
+  (``kernels.convert_batchnorm``: ``kernels.BatchNorm2d`` after the convs,
+  ``kernels.BatchNorm1d`` on the (N, C) activations after the linears).
 
 Every variant of an experiment starts from the same weights (built after the same
 ``torch.manual_seed``; BatchNorm's ones/zeros draw no random numbers) and sees the same batches
@@ -148,58 +148,6 @@ def load_digits_split(image_size, train_size=None, test_size=None):
 # ---------------------------------------------------------------------------------------------
 # models
 
-class KernelsBatchNorm1d(nn.BatchNorm1d):
-    """``torch.nn.BatchNorm1d`` computed by the functional ``kernels.batch_norm``.
-
-    Same parameters, buffers, running-stat rules (``momentum=None``: cumulative average) and
-    input checks as the torch module; ``stats`` picks the kernels' statistics.
-    """
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, stats="single_pass"):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
-        self.stats = stats
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, stats={self.stats!r}"
-
-    def forward(self, input):
-        import kernels  # on first use: triton is imported only once the interpreter is set
-
-        # torch's _BatchNorm.forward, with kernels.batch_norm doing the computation
-        self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return kernels.batch_norm(
-            input, self.running_mean if use_running else None,
-            self.running_var if use_running else None, self.weight, self.bias,
-            bn_training, momentum, self.eps, stats=self.stats)
-
-
-def convert_batchnorm1d(module, stats):
-    """Replace every ``nn.BatchNorm1d`` in `module` (in place) by a KernelsBatchNorm1d that
-    shares its parameters and buffers; returns `module`."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm1d) and not isinstance(child, KernelsBatchNorm1d):
-            new = KernelsBatchNorm1d(child.num_features, child.eps, child.momentum,
-                                     child.affine, child.track_running_stats, stats=stats)
-            if child.affine:
-                new.weight, new.bias = child.weight, child.bias
-            new.running_mean, new.running_var = child.running_mean, child.running_var
-            new.num_batches_tracked = child.num_batches_tracked
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            convert_batchnorm1d(child, stats)
-    return module
-
-
 def three_convs(batch_norm):
     """Seed 000's network: 3 x (conv 3x3, 16 filters, [BatchNorm2d], ReLU), max-pool, linear."""
     layers = []
@@ -241,7 +189,6 @@ def build_model(experiment, variant, seed=SEED):
         import kernels
 
         model = kernels.convert_batchnorm(model, stats=variant_stats(variant))
-        model = convert_batchnorm1d(model, stats=variant_stats(variant))
     return model
 
 

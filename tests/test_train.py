@@ -68,17 +68,18 @@ def test_variants_start_from_identical_weights(experiment):
         if T.bn_kind(variant) == "kernels":
             stats = T.variant_stats(variant)
             for m in bns:
-                assert isinstance(m, (kernels.BatchNorm2d, T.KernelsBatchNorm1d)), type(m)
+                assert isinstance(m, (kernels.BatchNorm2d, kernels.BatchNorm1d)), type(m)
                 assert m.stats == stats
         else:
-            assert not any(isinstance(m, (kernels.BatchNorm2d, T.KernelsBatchNorm1d))
+            assert not any(isinstance(m, (kernels.BatchNorm2d, kernels.BatchNorm1d))
                            for m in bns)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_kernels_batchnorm1d_matches_float64_reference(device, momentum):
+    """kernels.BatchNorm1d on LeNet's (N, C) activations (it replaced train.py's own copy)."""
     N, C = 7, 5  # odd sizes
-    bn = T.KernelsBatchNorm1d(C, momentum=momentum, stats="single_pass").to(device)
+    bn = kernels.BatchNorm1d(C, momentum=momentum, stats="single_pass").to(device)
     with torch.no_grad():
         bn.weight.copy_(torch.rand(C) + 0.5)
         bn.bias.copy_(torch.randn(C))

@@ -32,6 +32,10 @@ Triton ships it. :func:`install` returns which of them are on; :data:`INSTALLED`
 
 import inspect
 
+from . import _versions
+
+_versions.check()  # imported by kernels.ops before its ops are defined: floors first
+
 INSTALLED = {}  # patch name -> True/False, set by install()
 
 

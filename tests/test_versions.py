@@ -1,0 +1,275 @@
+"""Version support: the floors, and every touch of Triton's internals tested for both outcomes
+(the internals this was written against: patched; other internals: silently off).
+
+The installed versions' own outcome is tested too, so running this file in each environment
+of the matrix (README, "Supported versions"; .github/workflows/cpu.yml) checks each one.
+"""
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import triton
+
+import kernels
+from kernels import _interpreter, _versions, aot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# floors
+
+@pytest.mark.parametrize("torch_v, triton_v, bad", [
+    ("2.13.0+cpu", "3.9.0", []),
+    ("2.11.0+cu130", "3.6.0", []),
+    ("2.7.1+cu126", "3.3.1", []),
+    ("2.6.0", "3.2.0", ["torch", "triton"]),
+    ("2.5.1", "3.3.1", ["torch"]),
+    ("2.13.0", "3.1.0", ["triton"]),
+    ("2.13.0", None, []),  # no triton distribution: the kernels' own import says so
+])
+def test_floors(torch_v, triton_v, bad):
+    found = _versions.problems(torch_v, triton_v)
+    assert [p.split()[0] for p in found] == bad
+    for p in found:
+        assert "found" in p
+
+
+def test_below_floor_raises_import_error_naming_versions(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    with pytest.raises(ImportError, match=r"torch >= 2\.7 \(found 2\.6\.0\)"):
+        _versions.check()
+
+
+def test_installed_versions_meet_the_floors():
+    assert _versions.problems(torch.__version__, triton.__version__) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels._interpreter: the __index__ fix (Triton <= 3.6 with NumPy >= 2.4)
+
+def _fake_interpreter(monkeypatch, patch_lang_tensor=None, **attrs):
+    """A stand-in for triton.runtime.interpreter with the given internals."""
+    import triton.language as tl
+
+    fake = types.SimpleNamespace(**attrs)
+    if patch_lang_tensor is not None:
+        fake._patch_lang_tensor = patch_lang_tensor
+    monkeypatch.setattr(_interpreter, "_interpreter", lambda: (fake, tl))
+    return fake
+
+
+class _Scope:
+    def __init__(self):
+        self.changes = []
+
+    def set_attr(self, obj, name, value):
+        self.changes.append((obj, name))
+        setattr(obj, name, value)
+
+
+def _scalar(value):
+    """An interpreter scalar: a 1-element array behind .handle.data."""
+    return _interpreter._Probe(np.array([value], dtype=np.int32))
+
+
+def _buggy_36(tensor, scope):  # Triton 3.4-3.6: int() of the 1-element array
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+def _buggy_33(tensor):  # Triton 3.3: set in place
+    tensor.__index__ = lambda self: int(self.handle.data)
+
+
+def _fixed(tensor, scope):  # Triton 3.7+
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+
+def _numpy_rejects_1_element_int():
+    try:
+        int(np.array([3]))
+    except TypeError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not _numpy_rejects_1_element_int(), reason="NumPy < 2.4 converts "
+                    "1-element arrays itself: there is no bug to fix")
+@pytest.mark.parametrize("buggy", [_buggy_36, _buggy_33], ids=["triton3.4-3.6", "triton3.3"])
+def test_index_fix_installs_where_tritons_index_fails(monkeypatch, buggy):
+    fake = _fake_interpreter(monkeypatch, buggy)
+    assert _interpreter.install_index_fix() is True
+    assert fake._patch_lang_tensor is not buggy
+
+    class Tensor:
+        pass
+
+    scope = _Scope()
+    args = (Tensor, scope) if buggy is _buggy_36 else (Tensor,)
+    fake._patch_lang_tensor(*args)
+    assert Tensor.__index__(_scalar(7)) == 7
+    if buggy is _buggy_36:  # through Triton's scope, so the launch's restore undoes it
+        assert scope.changes[-1] == (Tensor, "__index__")
+    assert _interpreter.install_index_fix() is True  # idempotent
+    assert fake._patch_lang_tensor._bnbench_index_fix
+
+
+@pytest.mark.parametrize("internals", [
+    dict(patch_lang_tensor=_fixed),  # Triton 3.7+: nothing to fix
+    dict(),  # no _patch_lang_tensor at all
+    dict(patch_lang_tensor=lambda a, b, c: None),  # another signature
+    dict(patch_lang_tensor=lambda tensor, scope: 1 / 0),  # fails on the probe
+], ids=["already-fixed", "absent", "other-signature", "raises"])
+def test_index_fix_off_where_internals_differ(monkeypatch, internals):
+    fake = _fake_interpreter(monkeypatch, **internals)
+    before = getattr(fake, "_patch_lang_tensor", None)
+    assert _interpreter.install_index_fix() is False
+    assert getattr(fake, "_patch_lang_tensor", None) is before
+
+
+def test_index_fix_outcome_on_installed_triton():
+    """The real interpreter: the fix is on exactly when Triton's own __index__ fails."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_bnbench_index_fix", False):
+        assert _interpreter.INSTALLED.get("index") is True
+        return
+
+    class Tensor:
+        pass
+
+    original(Tensor, _Scope()) if len(
+        __import__("inspect").signature(original).parameters) == 2 else original(Tensor)
+    assert _interpreter._index_fails(Tensor.__index__) is False
+    assert _interpreter.install_index_fix() is False
+
+
+def test_kernel_with_runtime_loop_bounds_runs(device):
+    """The general path's tile loop (range over run-time bounds): the loop the fix is for."""
+    import kernels._layout
+
+    x = torch.randn(3, 5, 17, 13, device=device)
+    old = kernels._layout.FUSED_MAX_ELEMS
+    kernels._layout.FUSED_MAX_ELEMS = 0
+    try:
+        y = kernels.batch_norm(x, None, None, training=True)
+    finally:
+        kernels._layout.FUSED_MAX_ELEMS = old
+    ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    assert (y.double() - ref).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels._interpreter: the memo (speed only)
+
+def test_memo_off_where_internals_differ(monkeypatch):
+    class GridExecutor:
+        def __call__(self):
+            pass
+
+    # Triton 3.3: _patch_lang patches in place; no _LangPatchScope
+    fake = _fake_interpreter(monkeypatch, _patch_lang=lambda fn: None, GridExecutor=GridExecutor)
+    assert _interpreter.install_memo() is False
+    assert not getattr(fake, "_bnbench_memo", False)
+
+
+def test_memo_installs_on_the_internals_it_was_written_for(monkeypatch):
+    class Scope:
+        def restore(self):
+            pass
+
+    class GridExecutor:
+        def __call__(self, *args):
+            return "launched"
+
+    calls = []
+    fake = _fake_interpreter(monkeypatch, _patch_lang=lambda fn: calls.append(fn) or Scope(),
+                             GridExecutor=GridExecutor, _LangPatchScope=Scope)
+    assert _interpreter.install_memo() is True
+    assert fake._bnbench_memo and GridExecutor()() == "launched"
+
+
+def test_memo_outcome_on_installed_triton():
+    from triton.runtime import interpreter
+
+    expected = hasattr(interpreter, "_LangPatchScope")  # Triton 3.4+
+    assert _interpreter.INSTALLED.get("memo", False) is (expected and kernels.INTERPRETED)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels.aot: launch recording and compiling on each Triton's internals
+
+def test_launch_hooks_class_level_run(monkeypatch):
+    """Triton 3.4+: InterpretedFunction.run is a method of the class."""
+    import triton.runtime.interpreter as interp
+
+    class InterpretedFunction:
+        def run(self, *args, grid, warmup, **kwargs):
+            pass
+
+    monkeypatch.setattr(interp, "InterpretedFunction", InterpretedFunction)
+    hooks = aot._launch_hooks("record", "record_grid")
+    assert (InterpretedFunction, "run", "record") in hooks
+
+
+def test_launch_hooks_instance_run(monkeypatch):
+    """Triton 3.3: run is set per instance; kernel[grid] goes through __getitem__."""
+    import triton.runtime.interpreter as interp
+
+    class InterpretedFunction:
+        def __init__(self):
+            self.run = lambda *a, **k: None
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: "ran"
+
+    monkeypatch.setattr(interp, "InterpretedFunction", InterpretedFunction)
+    hooks = aot._launch_hooks("record", "record_grid")
+    assert (InterpretedFunction, "__getitem__", "record_grid") in hooks
+    assert not any(cls is InterpretedFunction and name == "run" for cls, name, _ in hooks)
+
+
+def test_record_launches_on_installed_triton():
+    """kernel[grid](...) is recorded, not run, and the hooks are undone after the block."""
+    from triton.runtime.jit import JITFunction
+
+    before = dict(vars(JITFunction))
+    name, thunk = aot.scenarios()[0]
+    with aot.record_launches(name) as launches:
+        thunk()
+    assert launches and {type(l.fn).__name__ for l in launches} <= {"JITFunction",
+                                                                     "InterpretedFunction"}
+    assert dict(vars(JITFunction)) == before
+
+
+def test_tool_path_both_forms():
+    assert aot._tool_path(types.SimpleNamespace(path="/bin/ptxas")) == "/bin/ptxas"
+    assert aot._tool_path(("/bin/ptxas", "12.8")) == "/bin/ptxas"
+
+
+def test_aot_compiles_on_installed_triton():
+    """One variant compiled for sm_90 (interpreter off), through ``_pack_args`` where Triton
+    has it (3.4+) and 3.3's inline binding steps otherwise (the matrix runs both): the
+    compile gives registers and 16-byte loads."""
+    script = (
+        "import json, kernels.aot as a\n"
+        "l = a.recorded_launches(r'^eval \\(32, 64, 56, 56\\) nchw torch.float32')[0]\n"
+        "r = a.compile_launch(l, 90)\n"
+        "print(json.dumps(dict(error=r.error, regs=r.registers, "
+        "load=r.max_load_bytes)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["error"] == "" and got["regs"] > 0 and got["load"] == 16, got

@@ -467,3 +467,29 @@ def test_module_family_matches_torch(cls, shape, stats, device):
             assert torch.equal(ours.state_dict()[key].cpu(), value), key
         else:
             assert_close(ours.state_dict()[key], value, torch.float32, key)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_compile_fullgraph_matches_torch(momentum, device):
+    """No graph break (fullgraph=True) in training and eval, through AOT autograd (the
+    functionalised running-stat updates); Inductor compiles the same graph."""
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+                        nn.Flatten(), nn.BatchNorm1d(4 * 5 * 5, momentum=momentum)).to(device)
+    ours = kernels.convert_batchnorm(copy.deepcopy(net))
+    ref = copy.deepcopy(net).cpu().double()  # the float64 reference
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for training in (True, True, False):
+        ref.train(training)
+        ours.train(training)
+        x = torch.randn(8, 3, 7, 7, device=device)
+        y, y_ref = compiled(x), ref(f64(x))
+        assert_close(y, y_ref, torch.float32, f"compiled y, training={training}")
+        if training:
+            y.square().sum().backward()
+            y_ref.square().sum().backward()
+    scale = ref[0].weight.grad.abs().max()  # a sum over the whole model: compare scaled
+    assert_close(ours[0].weight.grad / scale, ref[0].weight.grad / scale, torch.float32,
+                 "conv grad / max |conv grad|")
+    for key, value in ref.state_dict().items():
+        assert_close(ours.state_dict()[key].double(), value.double(), torch.float32, key)

@@ -31,9 +31,9 @@ import textwrap
 
 from .numerics import ERROR_COLUMNS
 
-RUN_COLUMNS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type", "torch_version",
-               "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
-               "copy_gbps")
+RUN_COLUMNS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type",
+               "torch_version", "triton_version", "cuda_version", "cudnn_version",
+               "triton_mode", "tf32", "copy_gbps")
 CASE_COLUMNS = ("impl", "backend", "mode", "N", "C", "H", "W", "dtype", "layout",
                 "fusion")
 OUTCOME_COLUMNS = ("status", "error")

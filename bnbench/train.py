@@ -68,8 +68,8 @@ SURFACE_SAMPLES = 256  # training images the loss surface is computed on
 FULL_GRID = 21
 
 RUN_FIELDS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type",
-              "torch_version", "triton_version", "cuda_version", "cudnn_version", "triton_mode", "tf32",
-              "kernel_plans")
+              "torch_version", "triton_version", "cuda_version", "cudnn_version", "triton_mode",
+              "tf32", "kernel_plans")
 ROW_FIELDS = ("experiment", "variant", "bn", "epoch", "step", "metric", "value", "w1", "w2")
 COLUMNS = RUN_FIELDS + ROW_FIELDS
 EPOCH_METRICS = ("train_loss", "train_acc", "test_acc", "epoch_time_s")

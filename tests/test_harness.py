@@ -481,3 +481,57 @@ def test_summary_fits_100_columns_and_explains_every_column():
     assert f"shapes CxHxW: {shapes}; batch sizes N: 2, 8" in text
     # one block per case, its rows under it
     assert "\ntrain_fwd_bwd none bfloat16 nhwc\n  triton_two_pass " in text
+
+
+def test_coinciding_errors_are_named():
+    from bnbench.plot import coinciding
+
+    values = {"triton_two_pass": [1e-3, 2e-7], "triton_single_pass": [1e-3, 2e-7],
+              "torch_native": [1e-3, 3e-7]}
+    assert coinciding(values, ["y", "dx"]) == ["two_pass = single_pass = native: y",
+                                               "two_pass = single_pass: dx"]
+    assert coinciding({"a": [1.0], "b": [2.0]}, ["y"]) == []
+
+
+@pytest.mark.quick
+def test_cpu_plots_show_the_kernels_errors_and_no_copy_line(tmp_path):
+    """On a CPU run: the error figure has a marker series per implementation, the Triton
+    kernels included, and notes equal errors; titles name shapes and batch sizes; no
+    copy-bandwidth line; untimed implementations named in the speed panels."""
+    from matplotlib.image import imread
+
+    from bnbench import plot
+
+    figures = {}
+    real_savefig = __import__("matplotlib.figure").figure.Figure.savefig
+
+    def keep(fig, path, **kw):
+        figures[Path(path).stem.rsplit("_", 1)[1]] = fig
+        return real_savefig(fig, path, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr("matplotlib.figure.Figure.savefig", keep)
+    try:
+        paths = plot.draw(ROOT / "results" / "run_quick_cpu.csv", tmp_path)
+    finally:
+        mp.undo()
+    assert [p.name for p in paths] == [f"run_quick_cpu_{k}.png" for k in plot.KINDS]
+    assert imread(paths[2]).shape[1] > 1000
+    error = figures["error"]
+    labels = {line.get_label() for ax in error.axes for line in ax.get_lines()}
+    assert {"triton_two_pass", "triton_single_pass", "triton_eval", "torch_native"} <= labels
+    for ax in error.axes:
+        for line in ax.get_lines():
+            assert line.get_marker() not in (None, "", "None") and line.get_linestyle() == "None"
+        assert ax.get_yscale() == "log"
+    notes = " ".join(t.get_text() for ax in error.axes for t in ax.texts)
+    assert "equal errors:" in notes and "two_pass = single_pass" in notes
+    for kind, fig in figures.items():
+        title = fig._suptitle.get_text().replace("\n", " ")
+        assert "32x9x7" in title and "batch sizes N 2, 8" in title, (kind, title)
+        assert "copy bandwidth" not in {line.get_label() for ax in fig.axes
+                                        for line in ax.get_lines()}
+    speed_notes = " ".join(t.get_text() for ax in figures["throughput"].axes for t in ax.texts)
+    assert "not timed: triton_single_pass, triton_two_pass" in speed_notes
+    assert "No copy-bandwidth line on a CPU" in figures["throughput"]._suptitle.get_text() \
+        .replace("\n", " ")

@@ -494,9 +494,36 @@ def summary(csv_path):
     return pd.DataFrame(out)
 
 
-STYLE = {"no_bn": dict(color="tab:red"), "torch_bn": dict(color="tab:blue"),
+# every variant with a marker (a one-epoch run draws points, not lines), big hollow ones
+# under small filled ones, so that variants with equal values stay visible
+STYLE = {"no_bn": dict(color="tab:red", marker="s", ms=6),
+         "torch_bn": dict(color="tab:blue", marker="o", ms=9, mfc="none"),
          "kernels_two_pass": dict(color="tab:orange", ls="--", marker="o", ms=4),
-         "kernels_single_pass": dict(color="tab:green", ls=":", marker="x", ms=5)}
+         "kernels_single_pass": dict(color="tab:green", ls=":", marker="x", ms=6)}
+
+
+def _style(variant, points):
+    """STYLE, with a marker on about 40 of the `points` of a long series."""
+    return dict(STYLE[variant], markevery=max(1, points // 40))
+
+
+def _tidy(ax, integer_x=False):
+    """Plain tick labels (no offset such as 1e-7+2.516149), integer epochs, and some room
+    around a single point or a flat line."""
+    from matplotlib.ticker import MaxNLocator
+
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        values = [v for line in ax.get_lines() for v in line.get_ydata()]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        if hi - lo < 1e-3 * max(abs(hi), 1e-12):
+            pad = max(0.05 * abs(hi), 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        xs = [x for line in ax.get_lines() for x in line.get_xdata()]
+        if xs and min(xs) == max(xs):
+            ax.set_xlim(min(xs) - 1, max(xs) + 1)
 TITLES = {"three_convs": "seed 000: three convs, SGD lr 0.001, batch 32",
           "lenet_bn": "seed 002: LeNet + BN, sigmoid, SGD lr 1.0, batch 256"}
 
@@ -525,6 +552,7 @@ def draw(csv_path, out_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     df = _read(csv_path)
     out_dir = Path(out_dir)
@@ -538,8 +566,9 @@ def draw(csv_path, out_dir):
             for variant in EXPERIMENTS[experiment].variants:
                 line = sub[sub.variant == variant].sort_values("epoch")
                 if len(line):
-                    ax.plot(line.epoch, line.value, label=variant, **STYLE[variant])
+                    ax.plot(line.epoch, line.value, label=variant, **_style(variant, len(line)))
             ax.set(title=TITLES[experiment], xlabel="epoch", ylabel=label)
+            _tidy(ax, integer_x=True)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         paths.append(_save(fig, df, out_dir / name))
@@ -557,14 +586,17 @@ def draw(csv_path, out_dir):
             line = shown[shown.variant == variant].sort_values("step")
             if line.empty:
                 continue
-            axes[0, col].plot(line.step, line.value, label=variant, **STYLE[variant])
+            axes[0, col].plot(line.step, line.value, label=variant,
+                              **_style(variant, len(line)))
             if bn_kind(variant) == "kernels" and len(ref):
                 gap = (line.set_index("step").value - ref).abs() / ref.abs()
                 axes[1, col].semilogy(gap.index, gap.clip(lower=1e-12).values, label=variant,
-                                      **STYLE[variant])
+                                      **_style(variant, len(gap)))
         axes[0, col].set(title=TITLES[experiment], ylabel="training loss of the batch")
         axes[1, col].axhline(0.01, color="gray", lw=0.8, ls="--")
         axes[1, col].set(xlabel="step", ylabel="|kernels - torch_bn| / torch_bn (0 at 1e-12)")
+        _tidy(axes[0, col], integer_x=True)
+        axes[1, col].xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
@@ -596,6 +628,7 @@ def draw(csv_path, out_dir):
                      f"last-conv weights, step by step (o start, * end of {variant})",
                xlabel="w1 = conv3.weight[3, 13, 1, 0]", ylabel="w2 = conv3.weight[3, 14, 1, 0]")
         ax.title.set_fontsize(9)
+        ax.ticklabel_format(useOffset=False)
         ax.legend(fontsize=8, loc="best")
     paths.append(_save(fig, df, out_dir / "weight_path.png"))
     return paths

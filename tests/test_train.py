@@ -237,3 +237,28 @@ def test_bad_arguments_exit_2(argv, message, capsys):
         parser.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.quick
+def test_training_plots_mark_points_and_use_no_offset():
+    """A one-epoch run draws single points: every variant has a marker; a flat series
+    (2.516149 +- 1e-7) is labelled plainly, not as 1e-7+2.516149."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for exp in T.EXPERIMENTS.values():
+        for variant in exp.variants:
+            assert T.STYLE[variant].get("marker"), variant
+    fig, ax = plt.subplots()
+    ax.plot([1, 1], [2.516149, 2.516149 + 1e-7], **T._style("torch_bn", 2))
+    T._tidy(ax, integer_x=True)
+    fig.canvas.draw()
+    assert ax.yaxis.get_major_formatter().get_offset() == ""
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels and all("e" not in label for label in labels), labels
+    lo, hi = ax.get_ylim()
+    assert hi - lo > 0.1  # room around a flat line
+    assert ax.get_xlim() == (0, 2)
+    plt.close(fig)

@@ -233,6 +233,7 @@ def test_partial_gradients(stats, device, path):
     assert_close(w.grad, wr.grad, torch.float32, "dweight")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("training", [True, False])
 def test_zero_size_batch(training, device):
     """N=0: empty output, zero parameter gradients, running stats unchanged (as torch)."""

@@ -418,6 +418,7 @@ def test_bad_arguments_raise_torch_exception_type(name):
     assert all(torch.equal(a, b) for a, b in zip(state, after)), "a refused call changed state"
 
 
+@pytest.mark.quick
 def test_dtype_errors_name_the_tensor():
     x = torch.randn(3, 5, 4, 4).half()
     with pytest.raises(RuntimeError, match="running_mean has dtype torch.float32 but weight|"

@@ -275,6 +275,7 @@ def fold_and_check(model, x, label):
     return folded, folded.fold_report
 
 
+@pytest.mark.quick
 def test_resnet_block_pairs_by_dataflow():
     folded, report = fold_and_check(BasicBlock(), torch.randn(2, 4, 7, 5), "basic block")
     assert report.method == "fx"
@@ -287,6 +288,7 @@ def test_resnet_block_pairs_by_dataflow():
     assert isinstance(folded.relu, nn.ReLU)  # called twice, once after an add: not fused
 
 
+@pytest.mark.quick
 def test_conv_called_twice_is_not_folded():
     model = Lambda(lambda m, x: m.bn(m.conv(x)) + m.conv(x.flip(-1)),
                    conv=nn.Conv2d(3, 4, 3, padding=1), bn=nn.BatchNorm2d(4))

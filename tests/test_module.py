@@ -63,6 +63,7 @@ def test_module_matches_torch(stats, kwargs, device, path):
     run_steps(ours, ref, device, steps=1, train=False)
 
 
+@pytest.mark.quick
 def test_module_interface_matches_torch():
     ours, ref = kernels.BatchNorm2d(6), nn.BatchNorm2d(6)
     assert isinstance(ours, nn.BatchNorm2d)
@@ -75,6 +76,7 @@ def test_module_interface_matches_torch():
     assert half.weight.dtype == half.running_mean.dtype == torch.float16
 
 
+@pytest.mark.quick
 def test_module_residual_relu(device):
     ours = kernels.BatchNorm2d(5, activation="relu", device=device)
     ref = nn.BatchNorm2d(5, dtype=torch.float64)

@@ -9,6 +9,7 @@ from helpers import assert_close, f64, reference_batch_norm
 STATS = ["single_pass", "two_pass"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_large_mean_small_std(stats, channels_last, device, path):

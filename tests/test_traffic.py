@@ -84,6 +84,7 @@ def test_fused_residual_relu_traffic(tmp_path):
     assert (bwd[bwd.path == "single_launch"].elem_B_per_elem == 20).all()
 
 
+@pytest.mark.quick
 def test_parallelism_fills_an_h100():
     """ResNet-50's BatchNorm shapes at batch >= 32: every launch has >= 2 x 132 programs,
     whatever C is, in both layouts and every op (launches recorded on meta tensors)."""

@@ -22,9 +22,9 @@ import os
 import sys
 import textwrap
 
-COMMANDS = ["run", "plot", "traffic", "inspect", "train"]
+COMMANDS = ["run", "plot", "traffic", "inspect", "train", "gpu-day", "zoo"]
 # commands whose module imports torch at the top keep their parser elsewhere
-PARSER_MODULES = {"train": "train_args"}
+PARSER_MODULES = {"train": "train_args", "gpu-day": "gpuday"}
 
 BANNER = (
     "bnbench: no CUDA GPU found. The Triton kernels run through Triton's interpreter "

@@ -1,0 +1,968 @@
+"""`bnbench gpu-day`: make a first, short loan of one GPU count, within a budget in seconds.
+
+Meant for a machine with one NVIDIA GPU, its preinstalled torch and triton and no network:
+run from a checkout with ``PYTHONPATH=. python -m bnbench.cli gpu-day --budget 480 --out
+DIR`` (nothing to install). It stops by itself before the budget; everything is written
+into DIR as it is made, so a run cut short keeps all it did. Stages, in order:
+
+1. ``environment.json``: device, driver (``nvidia-smi``), versions, SM count, memory,
+   measured copy bandwidth, which interpreter/AOT patches apply.
+2. ``compile.csv``: every kernel variant the correctness checks and the sweep launch,
+   compiled ahead of time in parallel worker processes (``kernels.aot``) into Triton's
+   on-disk cache, with registers, spills and vector widths on this GPU's architecture;
+   the later launches then load the compiled kernels instead of compiling one by one.
+3. ``correctness.csv``: every kernel variant at least once (the constexpr modes of
+   ``kernels.aot.scenarios``: paths, layouts, dtype patterns, statistics modes, flags,
+   fusions, autotuning), compiled, against a float64 reference; one row per check,
+   written as it is done; ``coverage`` lines at the end say which variants ran.
+4. ``gpu_day.csv`` (+ ``_throughput.png``, ``_speedup.png``, ``_error.png``): the
+   prioritised ``bnbench run`` sweep (the same runner, columns and plots), in tiers:
+   tier 1 answers the mission's question first (ResNet-50's BatchNorm shapes at N = 32
+   and 256, bfloat16 and float32, NCHW and channels_last, train_fwd_bwd and eval, every
+   implementation), the next tiers widen it while time remains. ``torch.compile`` runs as
+   ``torch_compile_dynamic``: one compile with dynamic shapes per (mode, dtype, layout,
+   fusion), with a recompile cap that fails loudly rather than running eagerly.
+5. ``summary.txt``: stage times (estimated and measured), what was done and skipped, the
+   sweep's summary table.
+
+``--dry-run`` (any machine, no GPU needed) prints the plan: the cases of each tier and the
+estimated time of every stage from the cost model below (``MODEL``), and which tiers fit
+the budget. The estimates are a stated model, not measurements; the real run re-checks
+the clock before every item and ends each stage when its next item would not fit.
+
+The cost model (seconds, for an H100/H200-class GPU on a 16-core host):
+
+    startup            python + torch + CUDA context + triton import; the launches
+                       recorded (no GPU) to count the variants
+    env                nvidia-smi, device properties, copy bandwidth (do_bench, 1 GiB)
+    pool_start         spawn the compile workers (each imports torch, records launches)
+    compile            one kernel variant: triton.compile + ptxas, per worker
+    check              one correctness check (cached kernels): inputs, forward (and
+                       backward), float64 reference, compare
+    case + numel*ns    one sweep case's inputs and float64 reference
+    row                one row's first call and compare, profiler pass, peak memory
+    bench              do_bench's (warm-up + rep) ms times this overshoot factor
+    graph_first/graph  torch.compile (Inductor, dynamic shapes): the first graph
+                       (Inductor's cold start), then each (mode, dtype, layout) group;
+                       train_fwd_bwd compiles forward and backward (x graph_bwd)
+    final              plots and summary
+    safety             kept free at the end
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+_T0 = time.monotonic()  # the budget's clock starts when the CLI imports this module
+
+MODEL = {
+    "startup": 15.0, "env": 5.0, "pool_start": 12.0, "compile": 0.8, "check": 0.3,
+    "case": 0.1, "case_ns_per_elem": 2.0, "row": 0.15, "bench": 1.3,
+    "graph_first": 30.0, "graph": 8.0, "graph_bwd": 1.5, "final": 15.0, "safety": 10.0,
+}
+WARMUP_MS, REP_MS = 10.0, 25.0  # do_bench per row (bnbench run's defaults: 25 and 100)
+WORKERS = 16  # compile workers planned for (the lent machine's cores); at run time: cpu_count
+RECOMPILE_CAP = 16  # torch.compile recompiles per code object; beyond it a row fails
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+IMPL_ORDER = ("triton_single_pass", "triton_two_pass", "triton_eval", "cudnn", "torch_native",
+              "torch_compile_dynamic")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: tiers of sweep cases, correctness checks, and their estimated times
+
+@dataclass(frozen=True)
+class Tier:
+    """One tier of the sweep: the product of its settings, in this order of priority."""
+
+    name: str
+    why: str
+    modes: tuple
+    dtypes: tuple
+    layouts: tuple
+    batch_sizes: tuple
+    shapes: str = "resnet50"
+    fusions: tuple = ("none",)
+
+    def cases(self):
+        """The cases, grouped by (mode, dtype, layout, fusion) so each torch.compile group is
+        compiled once, larger batch first, shapes in network order."""
+        from .cases import Case
+        from .shapes import SHAPE_SETS
+
+        return [Case(mode, n, c, h, w, dtype, layout, fusion)
+                for mode in self.modes for dtype in self.dtypes for layout in self.layouts
+                for fusion in self.fusions for n in sorted(self.batch_sizes, reverse=True)
+                for (c, h, w) in SHAPE_SETS[self.shapes]]
+
+
+TIERS = (
+    Tier("1", "the mission's question: every implementation at ResNet-50's BN shapes",
+         ("train_fwd_bwd", "eval"), ("bfloat16", "float32"), ("nchw", "nhwc"), (256, 32)),
+    Tier("2", "forward-only training (statistics + normalise)",
+         ("train_fwd",), ("bfloat16", "float32"), ("nchw", "nhwc"), (256, 32)),
+    Tier("3", "fused residual + ReLU (a ResNet block's end)",
+         ("train_fwd_bwd", "eval"), ("bfloat16",), ("nchw", "nhwc"), (256, 32),
+         fusions=("residual+relu",)),
+    Tier("4", "small and mid batches (launch-bound, single-launch path)",
+         ("train_fwd_bwd", "eval"), ("bfloat16",), ("nchw", "nhwc"), (1, 8, 128)),
+    Tier("5", "float16", ("train_fwd_bwd", "eval"), ("float16",), ("nchw", "nhwc"), (256, 32)),
+    Tier("6", "conv then eval BN: what folding saves", ("conv_bn_eval",), ("bfloat16",),
+         ("nchw", "nhwc"), (32,)),
+)
+
+
+def impls_for(mode):
+    """The implementations a mode runs, in IMPL_ORDER (conv_bn_eval: its own three)."""
+    from .impls import CONV_MODES
+
+    if mode in CONV_MODES:
+        return ("conv+cudnn", "conv+triton_eval", "folded")
+    train = mode in ("train_fwd", "train_fwd_bwd")
+    return tuple(n for n in IMPL_ORDER
+                 if (n != "triton_eval" or not train)
+                 and (not n.startswith("triton_") or n == "triton_eval" or train))
+
+
+def case_cost(case, model=MODEL, warmup_ms=WARMUP_MS, rep_ms=REP_MS):
+    """Estimated seconds of one case, all its rows (torch.compile's compiles apart)."""
+    rows = len(impls_for(case.mode))
+    bench = (warmup_ms + rep_ms) / 1e3 * model["bench"]
+    return model["case"] + case.numel * model["case_ns_per_elem"] * 1e-9 + rows * (
+        model["row"] + bench)
+
+
+def compile_group(case):
+    """The torch.compile group of a case: one dynamic-shape compile each."""
+    return (case.mode, case.dtype, case.layout, case.fusion, min(case.N, 2), min(case.H, 2))
+
+
+def graph_cost(case, first, model=MODEL):
+    base = model["graph_first"] if first else model["graph"]
+    return base * (model["graph_bwd"] if case.mode == "train_fwd_bwd" else 1.0)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One correctness check: kernels.BatchNorm2d (or kernels.batch_norm) on the GPU against
+    torch.nn.BatchNorm2d in float64; `grads` names the inputs that need a gradient."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    pdtype: str
+    layout: str
+    training: bool = True
+    stats: str = "single_pass"
+    affine: bool = True
+    running: bool = True
+    cumulative: bool = False
+    residual: bool = False
+    activation: str = None
+    grads: tuple = ("x", "w", "b")
+    autotune: bool = False
+
+
+def checks():
+    """The correctness checks: the launches of ``kernels.aot.scenarios`` through the public
+    API (the same shapes, so the same compiled variants), plus SiLU."""
+    general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
+    fused, fused_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
+    all_dtypes = [("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"),
+                  ("float16", "float32"), ("bfloat16", "float32"), ("float64", "float64")]
+    mixed = [all_dtypes[i] for i in (0, 3, 4, 5)]
+    out = []
+    for shape, dtypes in ((general, all_dtypes), (fused, mixed),
+                          (general_7x7, [all_dtypes[0], all_dtypes[4]]),
+                          (fused_7x7, [all_dtypes[0], all_dtypes[4]])):
+        for layout in ("nchw", "nhwc"):
+            for dtype, pdtype in dtypes:
+                tag = f"{'x'.join(map(str, shape))} {layout} {dtype}/{pdtype}"
+                for stats in ("single_pass", "two_pass"):
+                    out.append(Check(f"train {stats} {tag}", shape, dtype, pdtype, layout,
+                                     stats=stats))
+                out.append(Check(f"eval {tag}", shape, dtype, pdtype, layout, training=False))
+    flags = {
+        "no affine": dict(affine=False, grads=("x",)), "no running stats": dict(running=False),
+        "cumulative": dict(cumulative=True), "relu": dict(activation="relu"),
+        "silu": dict(activation="silu"), "residual": dict(residual=True, grads=("x", "w", "b", "r")),
+        "residual+relu": dict(residual=True, activation="relu", grads=("x", "w", "b", "r")),
+        "residual+silu": dict(residual=True, activation="silu", grads=("x", "w", "b", "r")),
+        "no dx": dict(grads=("w", "b")),
+        "eval stats": dict(training=False), "eval dx only": dict(training=False, grads=("x",)),
+        "eval no affine": dict(training=False, affine=False, grads=("x",)),
+        "eval relu": dict(training=False, activation="relu"),
+        "eval silu": dict(training=False, activation="silu"),
+        "eval residual+silu": dict(training=False, residual=True, activation="silu",
+                                   grads=("x", "w", "b", "r")),
+        "eval residual+relu": dict(training=False, residual=True, activation="relu",
+                                   grads=("x", "w", "b", "r")),
+    }
+    for shape in (general, fused):
+        for layout in ("nchw", "nhwc"):
+            tag = f"{'x'.join(map(str, shape))} {layout} float32"
+            for name, kw in flags.items():
+                out.append(Check(f"{name} {tag}", shape, "float32", "float32", layout, **kw))
+            for stats in ("single_pass", "two_pass"):
+                out.append(Check(f"autotuned train {stats} {tag}", shape, "float32", "float32",
+                                 layout, stats=stats, autotune=True))
+    activations = _activations()
+    return [c for c in out if c.activation in activations]
+
+
+def _activations():
+    try:
+        from kernels.ops import ACTIVATIONS
+    except Exception:  # noqa: BLE001 (a dry run needs no working kernels)
+        return (None, "relu")
+    return ACTIVATIONS
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    estimate_s: float
+    items: int = 0
+    measured_s: float = None
+    done: int = 0
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    budget_s: float
+    stages: list
+    tiers: list  # (Tier, cases, rows, estimate_s, included)
+    cases: list  # the included cases, in order
+    checks: list
+    variants: int
+    workers: int
+    model: dict = field(default_factory=lambda: dict(MODEL))
+
+    @property
+    def estimate_s(self):
+        return sum(s.estimate_s for s in self.stages)
+
+
+def plan(budget_s, variants, workers=WORKERS, tiers=TIERS, model=MODEL, warmup_ms=WARMUP_MS,
+         rep_ms=REP_MS):
+    """The stages and the sweep's tiers that fit `budget_s` by the cost model.
+
+    A tier is taken whole or not at all, in order; tier 1 is always planned (if it does not
+    fit, the plan says so: the run then stops tier 1 where the clock says). `variants`: the
+    kernel variants to compile (``count_variants``).
+    """
+    the_checks = checks()
+    fixed = [
+        Stage("startup", "python, torch, CUDA context, triton", model["startup"]),
+        Stage("environment", "device, driver, versions, SMs, copy bandwidth", model["env"]),
+        Stage("compile", f"{variants} kernel variants on {workers} workers",
+              model["pool_start"] + math.ceil(variants / max(workers, 1)) * model["compile"],
+              items=variants),
+        Stage("correctness", f"{len(the_checks)} checks against float64",
+              len(the_checks) * model["check"], items=len(the_checks)),
+    ]
+    final = [Stage("final", "plots and summary", model["final"]),
+             Stage("safety", "kept free", model["safety"])]
+    left = budget_s - sum(s.estimate_s for s in fixed + final)
+    groups, tier_rows, included = set(), [], []
+    sweep_s = 0.0
+    for i, tier in enumerate(tiers):
+        cases = tier.cases()
+        cost, new_groups = 0.0, set()
+        for case in cases:
+            cost += case_cost(case, model, warmup_ms, rep_ms)
+            g = compile_group(case)
+            if g not in groups and g not in new_groups and case.mode != "conv_bn_eval":
+                cost += graph_cost(case, not groups and not new_groups, model)
+                new_groups.add(g)
+        rows = sum(len(impls_for(c.mode)) for c in cases)
+        take = i == 0 or sweep_s + cost <= left
+        if take and (i == 0 or all(t[4] for t in tier_rows)):
+            sweep_s += cost
+            groups |= new_groups
+            included.extend(cases)
+        else:
+            take = False
+        tier_rows.append((tier, len(cases), rows, cost, take))
+    sweep = Stage("sweep", f"{sum(t[2] for t in tier_rows if t[4])} rows in tiers "
+                  f"{','.join(t[0].name for t in tier_rows if t[4])}", sweep_s,
+                  items=len(included))
+    return Plan(budget_s, fixed + [sweep] + final, tier_rows, included, the_checks, variants,
+                workers, dict(model))
+
+
+def format_plan(p, verbose=True):
+    """The plan as text: stages with estimates, then each tier and its case groups."""
+    lines = [f"bnbench gpu-day plan: budget {p.budget_s:.0f} s, estimated {p.estimate_s:.0f} s "
+             f"({'fits' if p.estimate_s <= p.budget_s else 'DOES NOT FIT'})",
+             "", f"{'stage':<12} {'estimate':>9}  what"]
+    for s in p.stages:
+        lines.append(f"{s.name:<12} {s.estimate_s:>8.0f}s  {s.what}")
+    lines += ["", f"sweep tiers (do_bench warm-up {WARMUP_MS:.0f} ms + rep {REP_MS:.0f} ms "
+              f"per row; torch.compile dynamic, recompile cap {RECOMPILE_CAP}):"]
+    for tier, n_cases, rows, cost, take in p.tiers:
+        lines.append(f"  tier {tier.name} {'planned ' if take else 'not planned (no time)'}: "
+                     f"{n_cases} cases, {rows} rows, ~{cost:.0f} s: {tier.why}")
+        if verbose:
+            from .shapes import SHAPE_SETS
+
+            n_shapes = len(SHAPE_SETS[tier.shapes])
+            for mode in tier.modes:
+                impls = ",".join(impls_for(mode))
+                for dtype in tier.dtypes:
+                    for layout in tier.layouts:
+                        for fusion in tier.fusions:
+                            lines.append(
+                                f"    {mode} {dtype} {layout}"
+                                f"{'' if fusion == 'none' else ' +' + fusion} "
+                                f"N={','.join(map(str, sorted(tier.batch_sizes, reverse=True)))}"
+                                f" x {n_shapes} {tier.shapes} shapes: {impls}")
+    lines += ["", "cost model (s): " + ", ".join(f"{k}={v:g}" for k, v in p.model.items())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel variants: recorded launches (no GPU needed), deduplicated
+
+def variant_key(launch, full=True):
+    """What makes a launch a distinct variant, without Triton's binder: the kernel, its
+    constexpr keyword arguments and the dtypes of its tensor arguments; `full`: also the
+    block sizes, num_warps and the 16-divisibility of integer arguments (what a compile
+    specialises on), else only the mode switches (what the correctness coverage counts)."""
+    import torch
+
+    kwargs = {k: v for k, v in launch.kwargs.items()
+              if full or (k.isupper() and not k.startswith("BLOCK"))}
+    if not full:  # the modes and the dtypes met, whichever argument carries them
+        dtypes = sorted({str(a.dtype) for a in launch.args if isinstance(a, torch.Tensor)})
+        return (launch.fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+                tuple(dtypes))
+    args = []
+    for a in launch.args:
+        if isinstance(a, torch.Tensor):
+            args.append(str(a.dtype))
+        elif isinstance(a, bool) or a is None:
+            args.append(a)
+        elif isinstance(a, int):
+            args.append(("int", a % 16 == 0, a == 1))
+        else:
+            args.append(type(a).__name__)
+    return (launch.fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+            tuple(args))
+
+
+def sweep_launches(cases):
+    """The launches the sweep's Triton rows make (recorded on meta tensors, not run)."""
+    import torch
+
+    from kernels.aot import record_launches
+    from kernels.backward import bn_backward
+    from kernels.forward import bn_forward_eval, bn_forward_train
+
+    from .cases import DTYPES
+
+    out, seen = [], set()
+    dtypes = {name: getattr(torch, name) for name in DTYPES}
+    for case in cases:
+        if case.mode == "conv_bn_eval" or case.mode not in ("train_fwd", "train_fwd_bwd", "eval"):
+            continue  # conv_bn_eval's BN is the eval kernel at the same shapes
+        key = (case.mode, case.N, case.C, case.H, case.W, case.dtype, case.layout, case.fusion)
+        if key in seen:
+            continue
+        seen.add(key)
+        dt = dtypes[case.dtype]
+
+        def t():
+            x = torch.empty((case.N, case.C, case.H, case.W), device="meta", dtype=dt)
+            return x.to(memory_format=torch.channels_last) if case.layout == "nhwc" else x
+        vec = torch.empty(case.C, device="meta", dtype=torch.float32)
+        r = t() if case.residual else None
+        act = "relu" if case.relu else None
+        calls = []
+        if case.mode == "eval":
+            calls.append(lambda: bn_forward_eval(t(), vec, vec, vec, vec, 1e-5, r, act))
+        else:
+            for stats in ("single_pass", "two_pass"):
+                calls.append(lambda s=stats: bn_forward_train(t(), vec, vec, vec, vec, 0.1,
+                                                              1e-5, s, r, act))
+            if case.mode == "train_fwd_bwd":
+                calls.append(lambda: bn_backward(
+                    t(), t(), t() if act else None, vec, vec, vec, vec, training=True,
+                    activation=act, has_residual=r is not None, need_dresidual=r is not None))
+        for call in calls:
+            with record_launches(case.describe()) as got:
+                call()
+            out.extend(got)
+    return out
+
+
+def all_launches(cases):
+    """Distinct launches (full variant_key) of the correctness scenarios and the sweep."""
+    from kernels.aot import record_launches, scenarios
+
+    launches = []
+    for name, thunk in scenarios():
+        with record_launches(name) as got:
+            thunk()
+        launches.extend(got)
+    launches.extend(sweep_launches(cases))
+    distinct = {}
+    for launch in launches:
+        distinct.setdefault(variant_key(launch), launch)
+    return list(distinct.values())
+
+
+def expected_variants():
+    """The mode-switch variants (variant_key(full=False)) of ``kernels.aot.scenarios``."""
+    from kernels.aot import record_launches, scenarios
+
+    keys = set()
+    for name, thunk in scenarios():
+        with record_launches(name) as got:
+            thunk()
+        keys |= {variant_key(launch, full=False) for launch in got}
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+class BudgetExceeded(Exception):
+    """Raised in the main thread (SIGALRM) when the soft deadline passes."""
+
+
+class Clock:
+    """Seconds since the command started, against the budget."""
+
+    def __init__(self, budget_s, start=None):
+        self.budget_s = budget_s
+        self.start = time.monotonic() if start is None else start
+
+    def elapsed(self):
+        return time.monotonic() - self.start
+
+    def fits(self, seconds, reserve):
+        """True when `seconds` more still end before the budget less `reserve`."""
+        return self.elapsed() + seconds <= self.budget_s - reserve
+
+
+def _arm(clock, reserve, hard=True):
+    """A soft deadline (BudgetExceeded at budget - reserve, in the main thread) and, with
+    `hard`, a hard one (exit at budget - 2 s; every file is written as it goes)."""
+    def soft(signum, frame):
+        raise BudgetExceeded()
+
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, soft)
+        signal.setitimer(signal.ITIMER_REAL, max(clock.budget_s - reserve - clock.elapsed(), 1))
+
+    def hard_exit():
+        print(f"bnbench gpu-day: hard deadline ({clock.budget_s:.0f} s) reached; exiting",
+              flush=True)
+        os._exit(124)
+
+    timer = threading.Timer(max(clock.budget_s - 2 - clock.elapsed(), 1), hard_exit)
+    timer.daemon = True
+    if hard:
+        timer.start()
+    return timer
+
+
+def _disarm(timer):
+    if hasattr(signal, "SIGALRM"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    timer.cancel()
+
+
+def record_environment(out):
+    """Stage 1: environment.json; returns the run fields for the sweep's CSV."""
+    import torch
+
+    import kernels
+
+    from . import environment, timing
+
+    device = "cuda"
+    tf32 = environment.pin_tf32()
+    fields = environment.collect(device, bool(kernels.INTERPRETED), tf32)
+    props = torch.cuda.get_device_properties(0)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                              "clocks.max.sm,clocks.max.mem,power.limit", "--format=csv"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        smi = f"nvidia-smi failed: {exc}"
+    fields["copy_gbps"] = timing.copy_bandwidth(device)
+    from kernels import _interpreter
+
+    env = dict(fields, sm_count=props.multi_processor_count,
+               capability=f"{props.major}.{props.minor}",
+               memory_gib=round(props.total_memory / 2**30, 1), nvidia_smi=smi,
+               python=sys.version.split()[0], interpreter_patches=dict(_interpreter.INSTALLED),
+               cpu_count=os.cpu_count())
+    (out / "environment.json").write_text(json.dumps(env, indent=1, default=str))
+    return fields, env
+
+
+def _compile_worker(index, workers, arch, tiers_included):
+    """One compile worker: the same launch list as every worker, every `workers`-th one."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from kernels.aot import compile_launch
+
+    cases = [c for t in TIERS if t.name in tiers_included for c in t.cases()]
+    launches = all_launches(cases)
+    rows = []
+    for launch in launches[index::workers]:
+        start = time.monotonic()
+        r = compile_launch(launch, arch)
+        rows.append(dict(asdict(r), seconds=round(time.monotonic() - start, 3)))
+    return rows
+
+
+def precompile(out, clock, p, reserve, arch):
+    """Stage 2: compile every variant in worker processes (spawned: CUDA is initialised
+    here); rows to compile.csv as each worker finishes. Returns (rows, note)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    import pandas as pd
+
+    workers = min(p.workers, os.cpu_count() or 1)
+    included = tuple(t.name for t, *_rest, take in p.tiers if take)
+    rows, note = [], ""
+    path = out / "compile.csv"
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    try:
+        futures = [pool.submit(_compile_worker, i, workers, arch, included)
+                   for i in range(workers)]
+        wait_s = clock.budget_s - reserve - clock.elapsed()
+        for fut in cf.as_completed(futures, timeout=max(wait_s, 1)):
+            rows.extend(fut.result())
+            pd.DataFrame(rows).to_csv(path, index=False)
+    except (cf.TimeoutError, BudgetExceeded):
+        note = "stopped at the budget"
+    except Exception as exc:  # noqa: BLE001 (the checks then compile as they go)
+        note = f"compile workers failed: {type(exc).__name__}: {exc}"[:300]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return rows, note
+
+
+def _rel_l2(a, ref):
+    import torch
+
+    a, ref = a.double(), ref.double()
+    den = torch.linalg.vector_norm(ref).item()
+    num = torch.linalg.vector_norm(a - ref).item()
+    return num / den if den > 0 else num
+
+
+def _activation(t, name):
+    import torch.nn.functional as F
+
+    return {None: lambda v: v, "relu": F.relu, "silu": F.silu}[name](t)
+
+
+def run_check(check, device="cuda", seed=0, reference=True):
+    """One correctness check; a row: status ok/fail/error and the worst relative L2 error of
+    every output against float64 (y, grads, running stats), computed on `device`.
+    `reference=False`: only the kernels' calls (to record which variants launch)."""
+    import torch
+    from torch import nn
+
+    import kernels
+
+    dt, pdt = getattr(torch, check.dtype), getattr(torch, check.pdtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    N, C = check.shape[:2]
+
+    def rand(shape, scale=1.0, shift=0.0):
+        if not reference:  # values unused: no time on random numbers
+            return torch.empty(shape, dtype=torch.float64, device=device)
+        return torch.randn(shape, generator=g, dtype=torch.float64, device=device) * scale \
+            + shift
+
+    fmt = torch.channels_last if check.layout == "nhwc" else torch.contiguous_format
+    x64 = rand(check.shape, 2.0, 0.5)
+    r64 = rand(check.shape) if check.residual else None
+    dy64 = rand(check.shape)
+    momentum = None if check.cumulative else 0.1
+    mine = kernels.BatchNorm2d(C, momentum=momentum, affine=check.affine,
+                               track_running_stats=check.running, stats=check.stats,
+                               activation=check.activation)
+    ref = nn.BatchNorm2d(C, momentum=momentum, affine=check.affine,
+                         track_running_stats=check.running)
+    with torch.no_grad():
+        if check.affine:
+            ref.weight.copy_(rand(C, 0.5, 1.0))
+            ref.bias.copy_(rand(C, 0.5))
+        if check.running:
+            ref.running_mean.copy_(rand(C, 0.1, 0.5))
+            ref.running_var.copy_(rand(C, 0.1).abs().nan_to_num() + 0.5)
+            ref.num_batches_tracked.fill_(3)
+    mine.load_state_dict(ref.state_dict())
+    mine = mine.to(device=device, dtype=pdt).train(check.training)
+    ref = ref.to(device=device, dtype=torch.float64).train(check.training)
+
+    def inputs(dtype, dev):
+        x = x64.to(dev, dtype).contiguous(memory_format=fmt)
+        r = r64.to(dev, dtype).contiguous(memory_format=fmt) if r64 is not None else None
+        return x, r
+
+    x, r = inputs(dt, device)
+    # the reference sees exactly the rounded inputs the kernels see
+    xr, rr = (t.detach().double() if t is not None else None for t in (x, r))
+    if "x" in check.grads:
+        x.requires_grad_(), xr.requires_grad_()
+    if r is not None and "r" in check.grads:
+        r.requires_grad_(), rr.requires_grad_()
+    for name, mod in (("w", "weight"), ("b", "bias")):
+        if check.affine:
+            getattr(mine, mod).requires_grad_(name in check.grads)
+            getattr(ref, mod).requires_grad_(name in check.grads)
+    was = None
+    if check.autotune:
+        was = kernels._tuning.autotune_enabled()
+        kernels.set_autotune(True)
+    try:
+        y = mine(x, residual=r) if r is not None else mine(x)
+        if not reference:
+            if check.grads:
+                y.backward(torch.ones_like(y))
+            return dict(asdict(check), status="not compared", error="")
+        y_ref = ref(xr)
+        if rr is not None:
+            y_ref = y_ref + rr
+        y_ref = _activation(y_ref, check.activation)
+        pairs = [("y", y, y_ref)]
+        if check.grads:
+            dy = dy64.to(device, dt).contiguous(memory_format=fmt)
+            y.backward(dy)
+            y_ref.backward(dy.double())
+            named = [("dx", x, xr), ("dresidual", r, rr)]
+            if check.affine:
+                named += [("dweight", mine.weight, ref.weight), ("dbias", mine.bias, ref.bias)]
+            for name, a, b in named:
+                if a is not None and a.requires_grad:
+                    pairs.append((name, a.grad, b.grad))
+        if check.running and check.training:
+            pairs += [("running_mean", mine.running_mean, ref.running_mean),
+                      ("running_var", mine.running_var, ref.running_var)]
+        if device == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        if was is not None:
+            kernels.set_autotune(was)
+    row = dict(asdict(check), status="ok", error="")
+    worst = 0.0
+    for name, a, b in pairs:
+        if a is None:
+            row.update(status="fail", error=f"{name}: no output")
+            continue
+        err = _rel_l2(a.detach(), b.detach())
+        tol = TOLERANCE[str(a.dtype).replace("torch.", "")]
+        row[f"{name}_rel_l2"] = err
+        worst = max(worst, err / tol)
+        if not err <= tol:
+            row.update(status="fail", error=f"{name}: rel L2 {err:.3g} > {tol:g}")
+    row["worst_over_tol"] = worst
+    return row
+
+
+def run_checks(out, clock, the_checks, reserve, check_s):
+    """Stage 3: every check, rows to correctness.csv as they are done; coverage at the end.
+    Returns (rows, note)."""
+    import pandas as pd
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from .runner import one_line
+
+    launched = set()
+    original = JITFunction.run
+
+    def run(self, *args, **kwargs):
+        from kernels.aot import Launch
+
+        launched.add(variant_key(Launch("", self, args, {k: v for k, v in kwargs.items()
+                                                        if k not in ("grid", "warmup")}, ()),
+                                 full=False))
+        return original(self, *args, **kwargs)
+
+    rows, note, path = [], "", out / "correctness.csv"
+    JITFunction.run = run
+    try:
+        for check in the_checks:
+            if not clock.fits(check_s, reserve):
+                note = "stopped at the budget"
+                break
+            start = time.monotonic()
+            try:
+                row = run_check(check)
+            except BudgetExceeded:
+                note = "stopped at the budget"
+                break
+            except Exception as exc:  # noqa: BLE001 (recorded; the other checks go on)
+                row = dict(asdict(check), status="error", error=one_line(exc))
+                torch.cuda.empty_cache()
+            row["seconds"] = round(time.monotonic() - start, 3)
+            rows.append(row)
+            pd.DataFrame(rows).to_csv(path, index=False)
+    finally:
+        JITFunction.run = original
+    try:
+        expected = expected_variants()
+        missing = sorted(map(str, expected - launched))
+        cover = f"coverage: {len(expected & launched)} of {len(expected)} kernel variants ran"
+        (out / "correctness_coverage.txt").write_text(cover + "\n" + "\n".join(missing) + "\n")
+        note = (note + "; " if note else "") + cover
+    except Exception as exc:  # noqa: BLE001
+        note = (note + "; " if note else "") + f"coverage not computed: {one_line(exc)}"
+    return rows, note
+
+
+def compile_dynamic_impl():
+    """``torch_compile_dynamic``: torch.compile of the baselines' function with dynamic
+    shapes, compiled once per process (a recompile per mode/dtype/layout guard), capped at
+    RECOMPILE_CAP recompiles; past the cap dynamo raises (the row fails) instead of silently
+    running eagerly."""
+    from .impls import BN_MODES, Impl, _compile_check, make_torch_batch_norm
+
+    compiled = []
+
+    def build():
+        import torch
+
+        if not compiled:
+            config = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(config, name):
+                    setattr(config, name, RECOMPILE_CAP)
+            if hasattr(config, "fail_on_recompile_limit_hit"):
+                config.fail_on_recompile_limit_hit = True
+            compiled.append(torch.compile(make_torch_batch_norm(), dynamic=True))
+        return compiled[0]
+
+    return Impl("torch_compile_dynamic", "baseline", BN_MODES, build, _compile_check)
+
+
+def run_sweep(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device="cuda",
+              only=None):
+    """Stage 4: the planned cases in order, rows to gpu_day.csv as they come; each case only
+    if its estimate still fits. `only`: implementation names to keep (tests). Returns (csv
+    path, rows, note, cases done)."""
+    from . import impls, report, runner
+
+    chosen = {name: impls.IMPLS[name] for name in impls.IMPLS}
+    chosen["torch_compile_dynamic"] = compile_dynamic_impl()
+    import kernels
+
+    opts = runner.Options(device=device, interpreted=bool(kernels.INTERPRETED),
+                          warmup_ms=warmup_ms, rep_ms=rep_ms,
+                          copy_gbps=run_fields.get("copy_gbps"))
+    path = out / "gpu_day.csv"
+    groups, note, done = set(), "", 0
+    with report.CsvWriter(path, run_fields) as writer:
+        try:
+            for case in p.cases:
+                cost = case_cost(case, p.model, warmup_ms, rep_ms)
+                g = compile_group(case)
+                if g not in groups and case.mode != "conv_bn_eval":
+                    cost += graph_cost(case, not groups, p.model)
+                if not clock.fits(cost, reserve):
+                    note = f"stopped at the budget before {case.describe()}"
+                    break
+                groups.add(g)
+                names = [n for n in impls_for(case.mode) if only is None or n in only]
+                for row in runner.run_case(case, [chosen[n] for n in names], opts):
+                    writer.write(row)
+                done += 1
+        except BudgetExceeded:
+            note = "stopped at the budget (soft deadline)"
+        rows = writer.rows
+    return path, rows, note, done
+
+
+def finish(out, csv_path, stages, started, env, clock):
+    """Stage 5: plots and summary.txt (within the reserve kept for them)."""
+    lines = [f"bnbench gpu-day on {env.get('device', '?')} ({env.get('sm_count', '?')} SMs, "
+             f"driver from nvidia-smi below), torch {env.get('torch_version')}, triton "
+             f"{env.get('triton_version')}, commit {env.get('git_commit')}",
+             f"started {started}, budget {clock.budget_s:.0f} s, "
+             f"elapsed {clock.elapsed():.0f} s", "",
+             f"{'stage':<12} {'estimate':>9} {'measured':>9}  done  note"]
+    for s in stages:
+        measured = f"{s.measured_s:8.1f}s" if s.measured_s is not None else "        -"
+        lines.append(f"{s.name:<12} {s.estimate_s:8.0f}s {measured}  {s.done}/{s.items}  "
+                     f"{s.note}")
+    if csv_path is not None and csv_path.exists():
+        try:
+            from . import report
+
+            df = report.read(csv_path)
+            lines += ["", report.format_summary(report.summary(df))]
+            from .plot import draw
+
+            for png in draw(csv_path):
+                lines.append(f"wrote {png}")
+        except Exception as exc:  # noqa: BLE001 (the CSV stays; the summary says why)
+            lines.append(f"summary/plots failed: {type(exc).__name__}: {exc}")
+    lines += ["", "nvidia-smi:", str(env.get("nvidia_smi", ""))]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.txt").write_text(text)
+    return text
+
+
+def gpu_day(args):
+    """Run the stages within the budget; 0, or 2 without a GPU (use --dry-run there)."""
+    import datetime
+
+    clock = Clock(args.budget, start=getattr(args, "start", None) or _T0)
+    from . import environment
+
+    try:
+        environment.output_dir(args.out)
+    except environment.OutputError as exc:
+        print(f"bnbench gpu-day: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.dry_run:
+        os.environ.pop("TRITON_INTERPRET", None)  # recording needs no interpreter
+        p = plan(args.budget, len(all_launches(_planned_cases(args.budget))), workers=args.workers, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        text = format_plan(p)
+        print(text)
+        (out / "gpu_day_plan.txt").write_text(text + "\n")
+        return 0 if p.estimate_s <= args.budget else 1
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bnbench gpu-day: error: no CUDA GPU here; 'bnbench gpu-day --dry-run' prints "
+              "the plan on any machine", file=sys.stderr)
+        return 2
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    reserve = MODEL["final"] + MODEL["safety"]
+    timer = _arm(clock, reserve)
+    env, csv_path, p = {}, None, None
+    stages = []
+
+    def stage(name, fn):
+        s = next(x for x in p.stages if x.name == name)
+        start = time.monotonic()
+        print(f"bnbench gpu-day: {name} (estimate {s.estimate_s:.0f} s, "
+              f"elapsed {clock.elapsed():.0f} s)", flush=True)
+        try:
+            result = fn(s)
+        except BudgetExceeded:
+            s.note, result = "stopped at the budget", None
+        s.measured_s = time.monotonic() - start
+        stages.append(s)
+        return result
+
+    try:
+        import kernels.aot  # noqa: F401 (before the plan: its import is part of startup)
+
+        cases = _planned_cases(args.budget)
+        p = plan(args.budget, len(all_launches(cases)), workers=min(args.workers,
+                 os.cpu_count() or 1), warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        (out / "gpu_day_plan.txt").write_text(format_plan(p) + "\n")
+        p.stages[0].measured_s, p.stages[0].done = clock.elapsed(), 1
+        stages.append(p.stages[0])
+
+        def env_stage(s):
+            fields, e = record_environment(out)
+            env.update(e)
+            s.done, s.items = 1, 1
+            return fields
+        run_fields = stage("environment", env_stage) or {}
+        major, minor = torch.cuda.get_device_capability()
+        arch = major * 10 + minor
+
+        def compile_stage(s):
+            rows, s.note = precompile(out, clock, p, reserve, arch)
+            s.done = len(rows)
+            bad = sum(1 for r in rows if r.get("error"))
+            if bad:
+                s.note = (s.note + "; " if s.note else "") + f"{bad} failed to compile"
+        stage("compile", compile_stage)
+
+        def check_stage(s):
+            rows, s.note = run_checks(out, clock, p.checks, reserve, p.model["check"])
+            s.done = len(rows)
+            failed = sum(1 for r in rows if r["status"] != "ok")
+            s.note = f"{failed} failed; " + s.note if failed else s.note
+        stage("correctness", check_stage)
+
+        def sweep_stage(s):
+            nonlocal csv_path
+            csv_path, rows, s.note, s.done = run_sweep(out, clock, p, run_fields, reserve,
+                                                       args.warmup_ms, args.rep_ms)
+            s.note = f"{rows} rows; " + s.note if s.note else f"{rows} rows"
+        stage("sweep", sweep_stage)
+    except BudgetExceeded:
+        pass
+    finally:
+        _disarm(timer)
+    start = time.monotonic()
+    if p is not None:
+        final = next(x for x in p.stages if x.name == "final")
+        final.items = 1
+        text = finish(out, csv_path, stages + [final], started, env, clock)
+        final.measured_s, final.done = time.monotonic() - start, 1
+        text = finish(out, csv_path, stages + [final], started, env, clock)
+        print(text)
+    print(f"bnbench gpu-day: done in {clock.elapsed():.0f} s of {clock.budget_s:.0f}; "
+          f"files in {out}", flush=True)
+    return 0
+
+
+def _planned_cases(budget):
+    """The cases of the tiers the plan takes (a plan with no compile estimate first: the
+    tiers chosen do not depend on the variant count by more than a few seconds)."""
+    return plan(budget, 0).cases
+
+
+def _positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "gpu-day", help="a budgeted first run on a GPU: environment, compiled-kernel "
+                        "correctness, the prioritised sweep (--dry-run: the plan)",
+        description=__doc__.split("\n\n")[0] + " Stages: environment, compile, correctness, "
+                    "prioritised sweep, summary; --dry-run prints the plan and its estimates "
+                    "on any machine.")
+    p.add_argument("--budget", type=_positive, default=480.0,
+                   help="seconds for the whole command, start to end (default 480)")
+    p.add_argument("--out", type=Path, default=Path("results/gpu_day"),
+                   help="output folder (default results/gpu_day)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the planned cases and the estimated time per stage; no GPU")
+    p.add_argument("--workers", type=int, default=WORKERS,
+                   help=f"compile worker processes (default {WORKERS}, at most the CPU count)")
+    p.add_argument("--warmup-ms", type=_positive, default=WARMUP_MS,
+                   help=f"do_bench warm-up per row (default {WARMUP_MS:g})")
+    p.add_argument("--rep-ms", type=_positive, default=REP_MS,
+                   help=f"do_bench repetitions per row (default {REP_MS:g})")
+    p.set_defaults(func=_command, uses_device=False)
+
+
+def _command(args):
+    return gpu_day(args)

@@ -1,0 +1,80 @@
+"""The README as a newcomer reads it: every ```python block runs as written, a ```text block
+right after one is exactly what it prints, and the times the README states for the quick
+commands are those their --help states (issue 11)."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def fenced_blocks(text):
+    """[(language, code, line number)] of every fenced block, in order."""
+    blocks = []
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```\s*$", text, re.M | re.S):
+        blocks.append((match.group(1), match.group(2), text[:match.start()].count("\n") + 1))
+    return blocks
+
+
+def python_blocks():
+    """[(code, the text it must print or None, line)]: a ```text block that is the next
+    block after a ```python one is that block's output."""
+    blocks = fenced_blocks(README.read_text())
+    out = []
+    for i, (lang, code, line) in enumerate(blocks):
+        if lang == "python":
+            after = blocks[i + 1] if i + 1 < len(blocks) else None
+            out.append((code, after[1] if after and after[0] == "text" else None, line))
+    return out
+
+
+BLOCKS = python_blocks()
+
+
+def test_the_readme_has_python_blocks():
+    assert len(BLOCKS) >= 2
+    assert any(expected for _, expected, _ in BLOCKS), "no block with its printed output"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("code, expected, line", BLOCKS,
+                         ids=[f"README.md:{line}" for _, _, line in BLOCKS])
+def test_readme_python_block_runs_as_written(code, expected, line):
+    """Each block alone, in a fresh namespace (the kernels through Triton's interpreter on
+    CPU, as conftest sets it up)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    if expected is not None:
+        assert printed.getvalue().rstrip("\n") == expected.rstrip("\n")
+
+
+def test_extraction_finds_blocks_and_their_output():
+    text = "x\n```python\nprint(1)\n```\nprose\n```text\n1\n```\n```python\npass\n```\n"
+    blocks = fenced_blocks(text)
+    assert [(lang, code) for lang, code, _ in blocks] == [("python", "print(1)\n"),
+                                                          ("text", "1\n"),
+                                                          ("python", "pass\n")]
+
+
+@pytest.mark.quick
+def test_stated_times_are_the_same_in_readme_and_help():
+    """One measured number per command, the same in the README and in --help."""
+    from bnbench import run, train_args
+
+    text = " ".join(README.read_text().split())
+    for command, stated in (("bnbench run --quick", run.QUICK_TIME),
+                            ("bnbench train --quick", train_args.QUICK_TIME)):
+        lines = [line for line in README.read_text().splitlines()
+                 if line.startswith(command + " ") or line.startswith(command + "\t")]
+        assert lines, command
+        for line in lines:
+            assert stated in line, (command, line, stated)
+        assert stated in text
+    # the test suite's length and its fast subset are stated
+    assert "pytest -m quick" in text

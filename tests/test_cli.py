@@ -297,8 +297,10 @@ def test_failing_case_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "2 failed" in out.stdout
     fail = bnbench("run", "--shapes", "3x1x1", "--batch-sizes", "1", "--modes", "train_fwd",
                    "--dtypes", "float32", "--layouts", "nchw", "--impls", "torch_native",
-                   "--no-plots", "--fail-on-error", "--out", ".", cwd=tmp_path)
+                   "--no-plots", "--fail-on-error", "--name", "fails", "--out", ".",
+                   cwd=tmp_path)
     assert fail.returncode == 1
+    assert "fails.csv (replacing the one there)" in " ".join(fail.stdout.split())  # not silent
 
 
 def test_interrupted_run_keeps_its_rows(tmp_path):

@@ -437,8 +437,10 @@ def expected_variants():
 # ---------------------------------------------------------------------------------------------
 # the run
 
-class BudgetExceeded(Exception):
-    """Raised in the main thread (SIGALRM) when the soft deadline passes."""
+class BudgetExceeded(BaseException):
+    """Raised in the main thread (SIGALRM) when the soft deadline passes; a BaseException,
+    like KeyboardInterrupt, so that the runner's ``except Exception`` (a failed row is
+    recorded and the sweep goes on) does not swallow it."""
 
 
 class Clock:
@@ -514,22 +516,23 @@ def record_environment(out):
     return fields, env
 
 
-def _compile_worker(index, workers, arch, tiers_included):
-    """One compile worker: the same launch list as every worker, every `workers`-th one."""
+def _compile_worker(index, workers, arch, tiers_included, limit=None):
+    """One compile worker: the same launch list as every worker, every `workers`-th one
+    (`limit`: at most that many, for tests)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from kernels.aot import compile_launch
 
     cases = [c for t in TIERS if t.name in tiers_included for c in t.cases()]
     launches = all_launches(cases)
     rows = []
-    for launch in launches[index::workers]:
+    for launch in launches[index::workers][:limit]:
         start = time.monotonic()
         r = compile_launch(launch, arch)
         rows.append(dict(asdict(r), seconds=round(time.monotonic() - start, 3)))
     return rows
 
 
-def precompile(out, clock, p, reserve, arch):
+def precompile(out, clock, p, reserve, arch, limit=None):
     """Stage 2: compile every variant in worker processes (spawned: CUDA is initialised
     here); rows to compile.csv as each worker finishes. Returns (rows, note)."""
     import concurrent.futures as cf
@@ -543,17 +546,22 @@ def precompile(out, clock, p, reserve, arch):
     path = out / "compile.csv"
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
     try:
-        futures = [pool.submit(_compile_worker, i, workers, arch, included)
+        futures = [pool.submit(_compile_worker, i, workers, arch, included, limit)
                    for i in range(workers)]
-        wait_s = clock.budget_s - reserve - clock.elapsed()
+        # at most twice the stage's estimate (and never past the budget): the checks and
+        # the sweep compile whatever is left as they launch it
+        estimate = next(s.estimate_s for s in p.stages if s.name == "compile")
+        wait_s = min(clock.budget_s - reserve - clock.elapsed(), 2 * estimate + 30)
         for fut in cf.as_completed(futures, timeout=max(wait_s, 1)):
             rows.extend(fut.result())
             pd.DataFrame(rows).to_csv(path, index=False)
-    except (cf.TimeoutError, BudgetExceeded):
-        note = "stopped at the budget"
+    except cf.TimeoutError:
+        note = "stopped at twice its estimate"
     except Exception as exc:  # noqa: BLE001 (the checks then compile as they go)
         note = f"compile workers failed: {type(exc).__name__}: {exc}"[:300]
     finally:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()  # a worker still compiling must not hold the exit
         pool.shutdown(wait=False, cancel_futures=True)
     return rows, note
 
@@ -612,6 +620,7 @@ def run_check(check, device="cuda", seed=0, reference=True):
             ref.num_batches_tracked.fill_(3)
     mine.load_state_dict(ref.state_dict())
     mine = mine.to(device=device, dtype=pdt).train(check.training)
+    ref.load_state_dict(mine.state_dict())  # the parameters as rounded to pdtype
     ref = ref.to(device=device, dtype=torch.float64).train(check.training)
 
     def inputs(dtype, dev):
@@ -679,7 +688,7 @@ def run_check(check, device="cuda", seed=0, reference=True):
     return row
 
 
-def run_checks(out, clock, the_checks, reserve, check_s):
+def run_checks(out, clock, the_checks, reserve, check_s, device="cuda"):
     """Stage 3: every check, rows to correctness.csv as they are done; coverage at the end.
     Returns (rows, note)."""
     import pandas as pd
@@ -708,13 +717,14 @@ def run_checks(out, clock, the_checks, reserve, check_s):
                 break
             start = time.monotonic()
             try:
-                row = run_check(check)
+                row = run_check(check, device)
             except BudgetExceeded:
                 note = "stopped at the budget"
                 break
             except Exception as exc:  # noqa: BLE001 (recorded; the other checks go on)
                 row = dict(asdict(check), status="error", error=one_line(exc))
-                torch.cuda.empty_cache()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             row["seconds"] = round(time.monotonic() - start, 3)
             rows.append(row)
             pd.DataFrame(rows).to_csv(path, index=False)
@@ -864,7 +874,10 @@ def gpu_day(args):
         try:
             result = fn(s)
         except BudgetExceeded:
-            s.note, result = "stopped at the budget", None
+            s.note = "stopped at the budget (soft deadline)"
+            s.measured_s = time.monotonic() - start
+            stages.append(s)
+            raise  # the later stages are skipped; the summary is still written
         s.measured_s = time.monotonic() - start
         stages.append(s)
         return result

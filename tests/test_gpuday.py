@@ -223,3 +223,33 @@ def test_sweep_launches_are_recorded_without_a_gpu():
     launches = gpuday.sweep_launches(cases)
     assert {l.fn.__name__ for l in launches} >= {"_bn_bwd_dx_kernel", "_bn_fwd_apply_kernel"} \
         or {l.fn.__name__ for l in launches} >= {"_bn_fwd_fused_kernel"}
+
+
+def test_run_checks_writes_rows_and_coverage(tmp_path, device):
+    import pandas as pd
+
+    the_checks = [gpuday.Check("a", (3, 4, 5, 3), "float32", "float32", "nchw"),
+                  gpuday.Check("b", (3, 4, 5, 3), "bfloat16", "float32", "nhwc",
+                               training=False)]
+    rows, note = gpuday.run_checks(tmp_path, _Clock(480, 0), the_checks, reserve=25,
+                                   check_s=0.3, device=device)
+    df = pd.read_csv(tmp_path / "correctness.csv")
+    assert list(df["name"]) == ["a", "b"] and set(df["status"]) == {"ok"}
+    assert "coverage:" in note
+    assert (tmp_path / "correctness_coverage.txt").read_text().startswith("coverage: ")
+    rows, note = gpuday.run_checks(tmp_path, _Clock(480, 479), the_checks, reserve=25,
+                                   check_s=0.3, device=device)
+    assert rows == [] and note.startswith("stopped at the budget")
+
+
+def test_precompile_in_worker_processes(tmp_path):
+    """The compile stage's machinery: spawned workers, each records the same launch list
+    and compiles its share (one variant each here) for sm_90, rows to compile.csv."""
+    import pandas as pd
+
+    p = gpuday.plan(480, 0, workers=2)
+    rows, note = gpuday.precompile(tmp_path, _Clock(480, 0), p, reserve=25, arch=90, limit=1)
+    assert note == "" and len(rows) == 2
+    df = pd.read_csv(tmp_path / "compile.csv", keep_default_na=False)
+    assert len(df) == 2 and (df["error"] == "").all() and (df["registers"] > 0).all()
+    assert set(df["arch"]) == {90}

@@ -219,3 +219,31 @@ def output_dir(path):
     if problem:
         raise OutputError(f"cannot write to --out {path}: {problem}")
     return path
+
+
+def committed(path):
+    """True when `path` is a file git tracks in the bnbench checkout this package lies in
+    (a committed result), False elsewhere or without git."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    try:
+        path.relative_to(root)
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", "--",
+                              str(path)], capture_output=True, text=True, timeout=10)
+    except (ValueError, OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
+
+
+def keep_committed(out, names, explicit, local):
+    """Where a command writes: `out`, unless `out` is the default (not `explicit`) and one of
+    the files `names` there is committed in this checkout; then `local` (a run in a checkout
+    never replaces a committed result unless asked to with --out).
+
+    Returns (folder, note): note is None, or one line saying what was not replaced.
+    """
+    kept = [Path(out) / name for name in names if committed(Path(out) / name)]
+    if explicit or not kept:
+        return Path(out), None
+    return Path(local), (f"{kept[0]} is a committed result: writing into {local}/ instead "
+                         f"(--out {out} replaces it)")

@@ -34,7 +34,8 @@ def add_parser(subparsers):
                     "from its CSV alone.")
     p.add_argument("csv", type=_existing_file, help="a CSV written by 'bnbench run'")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for the PNGs (default: the CSV's folder)")
+                   help="folder for the PNGs (default: the CSV's folder; its local/ where "
+                        "that would replace PNGs committed in the checkout)")
     p.add_argument("--shape", type=_shape, default=None, metavar="CxHxW",
                    help="draw one shape only, instead of aggregating over the shapes")
     p.set_defaults(func=plot_command, uses_device=False)
@@ -58,11 +59,16 @@ def plot_command(args):
     is not a bnbench run CSV, a shape it lacks, or an --out that cannot be written."""
     import sys
 
-    from .environment import OutputError, output_dir
+    from .environment import OutputError, keep_committed, output_dir
 
+    out, note = keep_committed(args.csv.parent, [f"{args.csv.stem}_{k}.png" for k in KINDS],
+                               explicit=args.out is not None, local=args.csv.parent / "local")
+    out = args.out if args.out is not None else out
+    if note:
+        print(f"bnbench plot: {note}")
     try:
-        output_dir(args.out if args.out is not None else args.csv.parent)
-        paths = draw(args.csv, args.out, args.shape)
+        output_dir(out)
+        paths = draw(args.csv, out, args.shape)
     except (ValueError, OutputError) as exc:  # OutputError, report.NotARunCsv: ValueErrors
         print(f"bnbench plot: error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@
 Cases are mode x shape x batch size x dtype x layout x fusion (``bnbench.cases``);
 the implementations are in ``bnbench.impls``; each case is run by ``bnbench.runner``.
 The CSV goes to ``<out>/<name>.csv`` (default name ``run_<sweep>_<device>``, e.g.
-``run_quick_cpu``), written row by row; the PNGs (``bnbench.plot``) beside it.
+``run_quick_cpu``), written row by row; the PNGs (``bnbench.plot``) beside it.  Without
+``--out``, a file committed in the checkout is never replaced: the run then goes to
+``results/local/`` and says so.
 
 Presets (an option given on the command line wins over the preset):
     full   (default on a GPU) shapes resnet50, batch sizes 1,8,32,128,256,
@@ -28,6 +30,7 @@ from .cases import ALL_MODES, DTYPE_ALIASES, DTYPES, FUSIONS, LAYOUTS, MODES
 from .environment import add_cpu_threads_argument
 from .shapes import SHAPE_SETS, parse_shapes
 
+DEFAULT_OUT = Path("results")
 # `bnbench run --quick` measured on the 2-core CPU (README, "Benchmark: bnbench run")
 QUICK_TIME = "about 1.5 min on a 2-core CPU"
 
@@ -106,8 +109,9 @@ def add_parser(subparsers):
                         "relu(bn(x) [+ r]) in one Triton kernel, as torch ops in the baselines")
     p.add_argument("--impls", type=_choices("implementations", tuple(IMPLS)), metavar="IMPLS",
                    help=f"from {', '.join(IMPLS)} (default: all that apply; cudnn only on a GPU)")
-    p.add_argument("--out", type=Path, default=Path("results"),
-                   help="output folder (default: results/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: results/; in a checkout, results/local/ "
+                        "where results/ holds a committed file of the same name)")
     p.add_argument("--name", default=None,
                    help="file name stem (default: run_<sweep>_<device>, e.g. run_quick_cpu)")
     p.add_argument("--warmup-ms", type=_positive, default=25.0, help="warm-up time per row")
@@ -135,8 +139,9 @@ def run_command(args):
     2 with one line on stderr if --out cannot be written)."""
     from . import environment
 
+    out = args.out or DEFAULT_OUT
     try:
-        environment.output_dir(args.out)
+        environment.output_dir(out)
     except environment.OutputError as exc:
         print(f"bnbench run: error: {exc}", file=sys.stderr)
         return 2
@@ -169,7 +174,14 @@ def run_command(args):
                           rep_ms=args.rep_ms, seed=args.seed, copy_gbps=run_fields["copy_gbps"])
 
     name = args.name or f"run_{label}_{environment.device_slug(device)}"
-    csv_path = args.out / f"{name}.csv"
+    out, note = environment.keep_committed(
+        out, [f"{name}.csv"] + [f"{name}_{kind}.png" for kind in ("throughput", "speedup",
+                                                                   "error")],
+        explicit=args.out is not None, local=DEFAULT_OUT / "local")
+    if note:
+        environment.output_dir(out)
+        print(f"bnbench run: {note}", flush=True)
+    csv_path = out / f"{name}.csv"
     replaces = " (replacing the one there)" if csv_path.exists() else ""
     print(textwrap.fill(
         f"bnbench run: {len(cases)} cases, {total} rows on {run_fields['device']} "

@@ -60,7 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train_args import QUICK, QUICK_OUT, FULL_OUT, SEED, add_arguments, add_parser  # noqa: F401
+from .train_args import (QUICK, QUICK_OUT, FULL_OUT, LOCAL_ROOT, SEED,  # noqa: F401
+                         add_arguments, add_parser)
+
+PNG_NAMES = ("test_accuracy.png", "train_loss.png", "step_loss.png", "weight_path.png")
 
 SPLIT_SEED = 0  # random_state of the stratified train/test split
 TEST_FRACTION = 0.2
@@ -369,12 +372,17 @@ def train_command(args):
     from .report import cell
 
     out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
+    out, note = environment.keep_committed(out, ["train.csv", *PNG_NAMES],
+                                           explicit=args.out is not None,
+                                           local=LOCAL_ROOT / out.name)
     try:
         environment.output_dir(out)
     except environment.OutputError as exc:
         print(f"bnbench train: error: {exc}", file=sys.stderr)
         return 2
     device = prepare_device(TRAIN_BANNER)
+    if note:
+        print(f"bnbench train: {note}", flush=True)
     import kernels
 
     runs, sizes, grid = plan(args)

@@ -14,6 +14,8 @@ QUICK = dict(train_size=10, test_size=10, epochs=1, lenet_epochs=1, grid=7)
 QUICK_TIME = "about 15 s on a 2-core CPU"
 FULL_OUT = Path("results/train")
 QUICK_OUT = Path("results/train_quick")  # a quick run never replaces the full run's files
+# without --out, committed files are never replaced: the run goes to results/local/<name>
+LOCAL_ROOT = Path("results/local")
 
 
 def _int_at_least(minimum, what):
@@ -62,7 +64,8 @@ def add_arguments(p):
     add_cpu_threads_argument(p)
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder for train.csv and the PNGs (default: {FULL_OUT}; "
-                        f"{QUICK_OUT} with --quick)")
+                        f"{QUICK_OUT} with --quick; in a checkout, {LOCAL_ROOT}/<that name> "
+                        "where the default holds committed files)")
 
 
 def _train_command(args):

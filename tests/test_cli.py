@@ -374,3 +374,34 @@ def test_plot_rejects_what_is_not_a_run_csv(tmp_path, blocked):
                         out_dir, what)
     assert not list(tmp_path.rglob("*.png"))
 
+
+def test_a_run_in_the_checkout_never_replaces_a_committed_result():
+    """Without --out, `bnbench run` and `bnbench plot` in the checkout write results/local/
+    where results/ holds a committed file of the same name, and say so."""
+    import hashlib
+
+    committed = [ROOT / "results" / f"run_quick_cpu{end}"
+                 for end in (".csv", "_throughput.png", "_speedup.png", "_error.png")]
+    before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in committed]
+    local = ROOT / "results" / "local"
+    made = [local / p.name for p in committed]
+    try:
+        out = bnbench("run", "--shapes", "3x2x2", "--batch-sizes", "2", "--modes", "eval",
+                      "--dtypes", "float32", "--layouts", "nchw", "--impls", "torch_native",
+                      "--rep-ms", "5", "--warmup-ms", "1", "--name", "run_quick_cpu", cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert "results/run_quick_cpu.csv is a committed result" in " ".join(out.stdout.split())
+        assert len(pd.read_csv(local / "run_quick_cpu.csv")) == 1
+        for path in made[1:]:
+            path.unlink()
+        redraw = bnbench("plot", "results/run_quick_cpu.csv", cwd=ROOT)
+        assert redraw.returncode == 0, redraw.stderr
+        assert "is a committed result: writing into results/local/" in redraw.stdout
+        assert all(p.exists() for p in made[1:])
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+        if local.exists() and not any(local.iterdir()):
+            local.rmdir()
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in committed] == before
+

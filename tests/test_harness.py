@@ -535,3 +535,23 @@ def test_cpu_plots_show_the_kernels_errors_and_no_copy_line(tmp_path):
     assert "not timed: triton_single_pass, triton_two_pass" in speed_notes
     assert "No copy-bandwidth line on a CPU" in figures["throughput"]._suptitle.get_text() \
         .replace("\n", " ")
+
+
+@pytest.mark.quick
+def test_committed_results_are_not_replaced_without_out(tmp_path):
+    from bnbench import environment
+
+    results = ROOT / "results"
+    assert environment.committed(results / "run_quick_cpu.csv")
+    assert not environment.committed(results / "no_such_run.csv")
+    (tmp_path / "x.csv").write_text("x")
+    assert not environment.committed(tmp_path / "x.csv")  # outside the checkout
+    local = tmp_path / "local"
+    out, note = environment.keep_committed(results, ["run_quick_cpu.csv"], explicit=False,
+                                           local=local)
+    assert out == local and "run_quick_cpu.csv is a committed result" in note
+    assert f"--out {results}" in note
+    assert environment.keep_committed(results, ["run_quick_cpu.csv"], explicit=True,
+                                      local=local) == (results, None)
+    assert environment.keep_committed(tmp_path, ["x.csv"], explicit=False,
+                                      local=local) == (tmp_path, None)

@@ -175,7 +175,8 @@ def fold_check(model, shape=EVAL_INPUT, seed=0):
 def convert_check(model, mode, seed=0):
     """Convert the float32 `model` and run it on the kernels (mode "eval" or "train"):
     dict with convert_<mode>_rel_err and torch_<mode>_rel_err against the float64
-    original, converted (modules converted) and seconds."""
+    original, converted (modules converted), seconds, and the models run: model (the
+    converted one) and reference (the float64 original)."""
     import torch
 
     import kernels
@@ -195,7 +196,8 @@ def convert_check(model, mode, seed=0):
     n_converted = (sum(1 for r in report.records if r.converted) if report is not None
                    else None)
     return {f"convert_{mode}_rel_err": rel_err(y, y64), f"torch_{mode}_rel_err": rel_err(y32, y64),
-            "converted": n_converted, "seconds": seconds, "model": converted}
+            "converted": n_converted, "seconds": seconds, "model": converted,
+            "reference": ref64}
 
 
 def run_command(args):

@@ -150,8 +150,10 @@ def zoo_batchnorm(module):
     w, b = getattr(module, "weight", None), getattr(module, "bias", None)
     drop, act = getattr(module, "drop", None), getattr(module, "act", None)
     if kind == "bn_act":
-        if not isinstance(module, _BatchNorm) or not isinstance(drop, nn.Module) \
-                or not isinstance(act, nn.Module):
+        # SyncBatchNormAct applies drop and act only where set (timm sets both)
+        optional = isinstance(module, nn.SyncBatchNorm)
+        if not isinstance(module, _BatchNorm) or not all(
+                isinstance(m, nn.Module) or (optional and m is None) for m in (drop, act)):
             return None
         C = module.num_features
     else:

@@ -381,6 +381,47 @@ def test_bn_with_hook_is_unchanged():
     assert record(report, "1").action == "unchanged" and seen
 
 
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A subclass with its own forward: not a BatchNorm the fold knows."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class MyFrozenBatchNorm(nn.Module):
+    """Named like a BatchNorm, with running statistics: an unknown variant."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.register_buffer("running_mean", torch.randn(C))
+        self.register_buffer("running_var", torch.rand(C) + 0.5)
+
+    def forward(self, x):
+        return (x - self.running_mean[:, None, None]) / self.running_var[:, None, None].sqrt()
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["fx", "sequential"])
+def test_unknown_batchnorm_variants_are_listed_with_reasons(traced):
+    """BatchNorm subclasses and unknown BatchNorm-like classes after a conv are left as they
+    are, and fold_report lists each with why (they used to be left out silently)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                          MyFrozenBatchNorm(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    if not traced:
+        model = nn.Sequential(model, Lambda(lambda m, x: x if x.sum() > 0 else -x))
+    folded, report = fold_and_check(model, torch.randn(2, 3, 6, 5), "unknown variants")
+    assert report.method == ("fx" if traced else "sequential")
+    prefix = "" if traced else "0."
+    for bn, cls in (("1", "ScaledBatchNorm2d"), ("3", "MyFrozenBatchNorm")):
+        r = record(report, prefix + bn)
+        assert r.action == "unchanged" and "unknown BatchNorm variant" in r.reason, r
+        assert cls in r.reason
+    assert record(report, prefix + "5").action == "folded"
+    inner = folded if traced else folded[0]
+    assert type(inner[1]) is ScaledBatchNorm2d and type(inner[3]) is MyFrozenBatchNorm
+    with pytest.raises(TypeError, match="ScaledBatchNorm2d"):
+        kernels.fold_conv_bn(nn.Conv2d(3, 4, 1), ScaledBatchNorm2d(4).eval())
+
+
 class Untraceable(nn.Module):
     """Control flow on a tensor's value: fx cannot trace it, the Sequential walk folds."""
 

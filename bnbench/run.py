@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .cases import ALL_MODES, DTYPE_ALIASES, DTYPES, FUSIONS, LAYOUTS, MODES
 from .environment import add_cpu_threads_argument
+from .plot import KINDS
 from .shapes import SHAPE_SETS, parse_shapes
 
 DEFAULT_OUT = Path("results")
@@ -175,11 +176,14 @@ def run_command(args):
 
     name = args.name or f"run_{label}_{environment.device_slug(device)}"
     out, note = environment.keep_committed(
-        out, [f"{name}.csv"] + [f"{name}_{kind}.png" for kind in ("throughput", "speedup",
-                                                                   "error")],
+        out, [f"{name}.csv"] + [f"{name}_{kind}.png" for kind in KINDS],
         explicit=args.out is not None, local=DEFAULT_OUT / "local")
     if note:
-        environment.output_dir(out)
+        try:
+            environment.output_dir(out)
+        except environment.OutputError as exc:
+            print(f"bnbench run: error: {exc}", file=sys.stderr)
+            return 2
         print(f"bnbench run: {note}", flush=True)
     csv_path = out / f"{name}.csv"
     replaces = " (replacing the one there)" if csv_path.exists() else ""

@@ -13,6 +13,8 @@ Fusions (what follows the batch norm, in every mode):
     relu           y = relu(bn(x))
     residual+relu  y = relu(bn(x) + r), r a tensor of x's shape, dtype and layout
                    (a ResNet block's end); train_fwd_bwd also gives dr
+    silu           y = silu(bn(x)) = z * sigmoid(z), z = bn(x) (EfficientNet, CSP, YOLO)
+    residual+silu  y = silu(bn(x) + r)
 
 Minimal bytes moved, the numerator of every GB/s figure (E = element size of the
 input's dtype, M = N*C*H*W; the C-sized parameters and statistics are left out):
@@ -20,11 +22,11 @@ input's dtype, M = N*C*H*W; the C-sized parameters and statistics are left out):
     train_fwd      read x + write y                        = 2 * M * E
     train_fwd_bwd  train_fwd + read x, read dy, write dx   = 5 * M * E
     conv_bn_eval   read x + write y + read the conv weight = 2 * M * E + 9 * C*C * E
-residual+relu adds the read of r (+ M * E), and in train_fwd_bwd the write of dr
-(+ M * E more: 7 * M * E).  relu adds nothing: without a residual its backward
-recomputes the mask from x; with one, the mask needs r or y again, or one bit per
-element saved by the forward, which is not counted (this project's backward reads
-y again: one more M * E than the formula).
+residual+relu and residual+silu add the read of r (+ M * E), and in train_fwd_bwd the
+write of dr (+ M * E more: 7 * M * E).  relu and silu add nothing: without a residual
+their backward recomputes z from x; with one, z (or relu's mask) needs r or y again,
+or what the forward saved, which is not counted (this project's backward reads y again
+for relu, r again for silu: one more M * E than the formula).
 A kernel that reads x more than once (two-pass statistics read it three times)
 moves more than this; the figure says how close it gets to the least possible.
 conv_bn_eval is bound by the conv's 18 * M * C flops, not by memory: compare its
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 MODES = ("train_fwd", "train_fwd_bwd", "eval")  # the default sweep
 OPT_IN_MODES = ("conv_bn_eval",)  # only when asked for with --modes
 ALL_MODES = MODES + OPT_IN_MODES
-FUSIONS = ("none", "relu", "residual+relu")
+FUSIONS = ("none", "relu", "residual+relu", "silu", "residual+silu")
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 LAYOUTS = ("nchw", "nhwc")
@@ -69,11 +71,16 @@ class Case:
     @property
     def residual(self):
         """A residual tensor is added before the activation."""
-        return self.fusion == "residual+relu"
+        return self.fusion.startswith("residual+")
 
     @property
     def relu(self):
-        return self.fusion in ("relu", "residual+relu")
+        return self.activation == "relu"
+
+    @property
+    def activation(self):
+        """The activation applied last: None, "relu" or "silu"."""
+        return None if self.fusion == "none" else self.fusion.split("+")[-1]
 
     @property
     def conv(self):

@@ -3,13 +3,14 @@
 Batch norm (modes train_fwd, train_fwd_bwd, eval):
 
 Triton (this project's kernels, ``kernels.batch_norm``; a fusion is passed to the
-kernel as ``residual=`` and ``activation="relu"``, so it runs in the same launch):
+kernel as ``residual=`` and ``activation="relu"``/``"silu"``, so it runs in the same launch):
     triton_two_pass     training; statistics by mean, then centred sum of squares
     triton_single_pass  training; statistics by Welford/Chan merges
     triton_eval         eval; the one-launch inference kernel (no statistics to compute,
                         so one implementation stands for both)
 Baselines (``torch.nn.functional.batch_norm``, then a fusion as the torch ops a user
-would otherwise write: ``y += r`` and ``relu_``, in place as torchvision's ResNet blocks):
+would otherwise write: ``y += r`` and ``relu_`` (or ``F.silu(inplace=True)``), in place as
+torchvision's ResNet blocks):
     cudnn               cuDNN enabled; PyTorch still routes some cases to its own kernels
                         (bfloat16, very large batches, eps below cuDNN's minimum), so the
                         row's ``backend`` column says what ran
@@ -21,7 +22,8 @@ would otherwise write: ``y += r`` and ``relu_``, in place as torchvision's ResNe
 
 Every one of these is a function
 ``fn(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
-relu=False) -> y`` built by ``Impl.build()`` (inside ``Impl.context()``) once per case.
+activation=None) -> y`` (activation None, "relu" or "silu"; True is read as "relu") built
+by ``Impl.build()`` (inside ``Impl.context()``) once per case.
 
 Conv then batch norm in eval mode (mode conv_bn_eval), cuDNN enabled for the conv:
     conv+cudnn          the conv, then the ``cudnn`` baseline's batch norm and fusion (on a
@@ -32,7 +34,7 @@ Conv then batch norm in eval mode (mode conv_bn_eval), cuDNN enabled for the con
 
 For these ``Impl.build()`` gives ``prepare(conv, bn) -> fn``, with ``conv`` an
 ``nn.Conv2d`` and ``bn`` an ``nn.BatchNorm2d`` in eval mode, and
-``fn(x, residual=None, relu=False) -> y``; ``prepare`` runs once per case, untimed.
+``fn(x, residual=None, activation=None) -> y``; ``prepare`` runs once per case, untimed.
 """
 
 import contextlib
@@ -89,15 +91,18 @@ class Impl:
 
 
 def make_epilogue():
-    """``epilogue(y, residual=None, relu=False)``: ``y += residual``, then ``relu_``; in place,
-    as torchvision's ResNet blocks do."""
+    """``epilogue(y, residual=None, activation=None)``: ``y += residual``, then ``relu_`` or
+    ``F.silu(y, inplace=True)``; in place, as torchvision's ResNet blocks do."""
     import torch
+    import torch.nn.functional as F
 
-    def epilogue(y, residual=None, relu=False):
+    def epilogue(y, residual=None, activation=None):
         if residual is not None:
             y += residual
-        if relu:
+        if activation is True or activation == "relu":
             y = torch.relu_(y)
+        elif activation == "silu":
+            y = F.silu(y, inplace=True)
         return y
     return epilogue
 
@@ -110,9 +115,9 @@ def make_torch_batch_norm():
     epilogue = make_epilogue()
 
     def torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                         residual=None, relu=False):
+                         residual=None, activation=None):
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-        return epilogue(y, residual, relu)
+        return epilogue(y, residual, activation)
     return torch_batch_norm
 
 
@@ -121,10 +126,12 @@ def _triton_build(stats):
         import kernels
 
         def fn(x, running_mean, running_var, weight, bias, training, momentum, eps,
-               residual=None, relu=False):
+               residual=None, activation=None):
+            if activation is True or activation is False:
+                activation = "relu" if activation else None
             return kernels.batch_norm(x, running_mean, running_var, weight, bias, training,
                                       momentum, eps, stats=stats, residual=residual,
-                                      activation="relu" if relu else None)
+                                      activation=activation)
         return fn
     return build
 
@@ -150,15 +157,15 @@ def _compile_build():
 
 
 def _conv_then(build_batch_norm):
-    """A build of prepare(conv, bn) -> fn(x, residual, relu): `conv`, then the batch-norm
+    """A build of prepare(conv, bn) -> fn(x, residual, activation): `conv`, then the batch-norm
     function that `build_batch_norm()` gives, in eval mode with bn's state."""
     def build():
         batch_norm = build_batch_norm()
 
         def prepare(conv, bn):
-            def fn(x, residual=None, relu=False):
+            def fn(x, residual=None, activation=None):
                 return batch_norm(conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                  False, 0.0, bn.eps, residual, relu)
+                                  False, 0.0, bn.eps, residual, activation)
             return fn
         return prepare
     return build
@@ -172,8 +179,8 @@ def _folded_build():
     def prepare(conv, bn):
         folded = kernels.fold_conv_bn(conv, bn)
 
-        def fn(x, residual=None, relu=False):
-            return epilogue(folded(x), residual, relu)
+        def fn(x, residual=None, activation=None):
+            return epilogue(folded(x), residual, activation)
         return fn
     return prepare
 

@@ -18,7 +18,7 @@ scaled by U(0.8, 1.25) and at least 0.01.
 
 The reference is the same computation in float64 on the same device, from the
 same values upcast: torch's batch norm with cuDNN off (ATen's own kernels), then
-the fusion (+ r, relu), after the conv in conv_bn_eval.  For each quantity q
+the fusion (+ r, relu or silu), after the conv in conv_bn_eval.  For each quantity q
 compared (``quantities(case)``), with a = the implementation's result and r = the
 reference:
 
@@ -156,28 +156,29 @@ def call(fn, case, inputs, running_mean, running_var):
 
     Args:
         fn: a batch-norm function of ``bnbench.impls`` (``fn(x, running_mean, running_var,
-            weight, bias, training, momentum, eps, residual, relu) -> y``), or in
-            conv_bn_eval a prepared ``fn(x, residual, relu) -> y``.
+            weight, bias, training, momentum, eps, residual, activation) -> y``), or in
+            conv_bn_eval a prepared ``fn(x, residual, activation) -> y``; activation is
+            None, "relu" or "silu" (``Case.activation``).
         running_mean, running_var: the buffers this call updates (give clones).
 
     Returns:
         dict quantity -> tensor, for the quantities of `case` (``quantities``).
     """
-    relu = case.relu
+    act = case.activation
     if case.conv:
-        return dict(y=fn(inputs.x, inputs.residual, relu))
+        return dict(y=fn(inputs.x, inputs.residual, act))
     if case.mode == "train_fwd_bwd":
         x, w, b = (t.detach().requires_grad_() for t in (inputs.x, inputs.weight, inputs.bias))
         r = inputs.residual
         r = r.detach().requires_grad_() if r is not None else None
-        y = fn(x, running_mean, running_var, w, b, True, MOMENTUM, EPS, r, relu)
+        y = fn(x, running_mean, running_var, w, b, True, MOMENTUM, EPS, r, act)
         y.backward(inputs.dy)
         out = dict(y=y.detach(), dx=x.grad, dweight=w.grad, dbias=b.grad)
         if r is not None:
             out["dresidual"] = r.grad
     else:
         out = dict(y=fn(inputs.x, running_mean, running_var, inputs.weight, inputs.bias,
-                        case.training, MOMENTUM, EPS, inputs.residual, relu))
+                        case.training, MOMENTUM, EPS, inputs.residual, act))
     if case.training:
         out.update(running_mean=running_mean, running_var=running_var)
     return out
@@ -201,7 +202,7 @@ def reference(case, inputs):
             conv = inputs.conv
             z = F.conv2d(f.x, f64(conv.weight), f64(conv.bias), conv.stride, conv.padding)
             return dict(y=batch_norm(z, f.running_mean, f.running_var, f.weight, f.bias, False,
-                                     0.0, EPS, f.residual, case.relu))
+                                     0.0, EPS, f.residual, case.activation))
         return call(batch_norm, case, f, f.running_mean.clone(), f.running_var.clone())
 
 

@@ -107,7 +107,8 @@ def add_parser(subparsers):
                         "conv_bn_eval times a 3x3 conv then the eval BN, unfolded and folded)")
     p.add_argument("--fusions", type=_choices("fusions", FUSIONS), metavar="FUSIONS",
                    help=f"what follows the BN, from {', '.join(FUSIONS)} (default: none); "
-                        "relu(bn(x) [+ r]) in one Triton kernel, as torch ops in the baselines")
+                        "act(bn(x) [+ r]), act relu or silu, in one Triton kernel, as torch "
+                        "ops in the baselines (F.batch_norm, then y += r, then relu_/F.silu)")
     p.add_argument("--impls", type=_choices("implementations", tuple(IMPLS)), metavar="IMPLS",
                    help=f"from {', '.join(IMPLS)} (default: all that apply; cudnn only on a GPU)")
     p.add_argument("--out", type=Path, default=None,

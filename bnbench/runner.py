@@ -86,12 +86,12 @@ def make_step(fn, case, inputs):
     Inputs are allocated here, outside the timed region; the step updates its own
     copies of the running statistics.  `fn` is what ``numerics.call`` takes.
     """
-    relu, residual = case.relu, inputs.residual
+    act, residual = case.activation, inputs.residual
     if case.conv:
         x = inputs.x
 
         def step():
-            fn(x, residual, relu)
+            fn(x, residual, act)
         return step, None
     running_mean, running_var = inputs.running_mean.clone(), inputs.running_var.clone()
     m, e = numerics.MOMENTUM, numerics.EPS
@@ -104,13 +104,13 @@ def make_step(fn, case, inputs):
         dy = inputs.dy
 
         def step():
-            fn(x, running_mean, running_var, w, b, True, m, e, residual, relu).backward(dy)
+            fn(x, running_mean, running_var, w, b, True, m, e, residual, act).backward(dy)
         return step, grads
 
     x, w, b, training = inputs.x, inputs.weight, inputs.bias, case.training
 
     def step():
-        fn(x, running_mean, running_var, w, b, training, m, e, residual, relu)
+        fn(x, running_mean, running_var, w, b, training, m, e, residual, act)
     return step, None
 
 

@@ -555,3 +555,42 @@ def test_committed_results_are_not_replaced_without_out(tmp_path):
                                       local=local) == (results, None)
     assert environment.keep_committed(tmp_path, ["x.csv"], explicit=False,
                                       local=local) == (tmp_path, None)
+
+
+def _silu_dropped_build():
+    """A build that adds the residual but leaves the SiLU out."""
+    def fn(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
+           activation=None):
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return y + residual if residual is not None else y
+    return fn
+
+
+NO_SILU = Impl("no_silu", "baseline", ("train_fwd_bwd", "eval"), _silu_dropped_build, _no_check)
+
+
+@pytest.mark.parametrize("fusion", ["silu", "residual+silu"])
+@pytest.mark.parametrize("mode, triton", [("train_fwd_bwd", "triton_two_pass"),
+                                          ("eval", "triton_eval")])
+def test_silu_fusion_rows(mode, triton, fusion):
+    """--fusions silu / residual+silu: the reference is silu(bn(x) [+ r]) in float64, the
+    Triton kernels and F.batch_norm-then-F.silu agree with it, and a SiLU left out shows."""
+    case = Case(mode, 3, 5, 9, 7, "float32", "nhwc", fusion)
+    assert case.activation == "silu" and case.residual == fusion.startswith("residual")
+    inputs = numerics.make_inputs(case, DEVICE)
+    ref = numerics.reference(case, inputs)
+    # bn(x) [+ r] without activation (_f64_batch_norm adds inputs.residual when there is one)
+    z = _f64_batch_norm(Case(mode, 3, 5, 9, 7, "float32", "nhwc", "none"), inputs)
+    torch.testing.assert_close(ref["y"], F.silu(z), rtol=1e-12, atol=1e-12)
+    opts = runner.Options(device=DEVICE, interpreted=kernels.INTERPRETED, warmup_ms=1, rep_ms=5)
+    rows = {row["impl"]: row for row in runner.run_case(
+        case, [IMPLS[triton], IMPLS["torch_native"], NO_SILU], opts)}
+    tol = TOL[torch.float32]
+    for name in [triton, "torch_native"]:
+        row = rows[name]
+        assert row["status"] == "ok" and row["fusion"] == fusion, row.get("error")
+        for q in numerics.quantities(case):
+            max_abs, rel_l2 = (row[c] for c in numerics.error_columns(q))
+            assert 0 <= max_abs < 100 * tol["atol"], (name, q, max_abs)
+            assert 0 <= rel_l2 < 100 * tol["rtol"], (name, q, rel_l2)
+    assert rows["no_silu"]["status"] == "ok" and rows["no_silu"]["rel_l2_err"] > 0.1

@@ -16,7 +16,8 @@ lanes.  Accesses fall in two classes:
 The minimum element traffic of each op stands beside it: training forward and
 eval read x once and write y once (2 elements' bytes; +1 with a residual);
 backward reads x and dy and writes dx (3; +1 for the residual's gradient, +1 for
-the output y read for a ReLU after a residual).
+the output y read for a ReLU after a residual, or the residual read again for a SiLU
+after one, to recompute its input z).
 
 How the programs are counted.  The same ops on ResNet-50's BatchNorm shapes at
 full size are launched on the meta device with the launches recorded, not run:
@@ -35,7 +36,7 @@ from pathlib import Path
 # (256, 8, 7, 7) like (256, 2048, 7, 7) at large batch: general path, small H*W;
 # (8, 16, 7, 7) like (2048, 7, 7) at small batch: the single-launch path.
 SCALED_SHAPES = ((16, 4, 28, 28), (256, 8, 7, 7), (8, 16, 7, 7))
-FUSIONS = (None, "relu", "residual+relu")
+FUSIONS = (None, "relu", "residual+relu", "silu", "residual+silu")
 FULL_SCALE_BATCHES = (1, 8, 32, 64, 128, 256)
 
 # Issue targets in elements' bytes per element of x (fp32: x4 bytes) and launches.
@@ -135,28 +136,31 @@ def measure(op, stats, shape, dtype, channels_last, fusion):
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 
-    relu, residual = fusion is not None and "relu" in fusion, fusion is not None and "res" in fusion
+    act = fusion.split("+")[-1] if fusion not in (None, "residual") else None
+    residual = fusion is not None and "res" in fusion
     t = _inputs(shape, dtype, channels_last, residual)
     counter = Counter()
     if op == "train_fwd":
         with counter.hooked():
             y, _, _ = bn_forward_train(t["x"], t["w"], t["b"], t["rm"], t["rv"], 0.1, 1e-5, stats,
-                                       t["r"], relu)
+                                       t["r"], act)
         big = [t["x"], t["r"], y]
         minimum = 2 + residual
     elif op == "eval":
         with counter.hooked():
-            y = bn_forward_eval(t["x"], t["w"], t["b"], t["rm"], t["rv"], 1e-5, t["r"], relu)
+            y = bn_forward_eval(t["x"], t["w"], t["b"], t["rm"], t["rv"], 1e-5, t["r"], act)
         big = [t["x"], t["r"], y]
         minimum = 2 + residual
     else:
         y, mean, rstd = bn_forward_train(t["x"], t["w"], t["b"], None, None, 0.1, 1e-5, stats,
-                                         t["r"], relu)
+                                         t["r"], act)
         with counter.hooked():
             dx, _, _, dres = bn_backward(t["dy"], t["x"], y, t["w"], t["b"], mean, rstd,
-                                         training=True, relu=relu, has_residual=residual)
-        big = [t["x"], t["dy"], y, dx, dres]
-        minimum = 3 + residual + (relu and residual)
+                                         training=True, activation=act, has_residual=residual,
+                                         residual=t["r"])
+        big = [t["x"], t["dy"], y, t["r"], dx, dres]
+        # after a residual, the activation's gradient needs y (relu's mask) or r (silu's z)
+        minimum = 3 + residual + (act is not None and residual)
     read, written, per_channel = counter.split(big)
     numel = t["x"].numel()
     elem = t["x"].element_size()
@@ -323,8 +327,9 @@ def add_parser(subparsers):
                    default=("float32",), help="comma-separated, default float32")
     p.add_argument("--layouts", type=_choices(("nchw", "nhwc")), default=("nchw", "nhwc"),
                    help="comma-separated, default nchw,nhwc")
-    p.add_argument("--fusions", type=_choices(("none", "relu", "residual+relu")),
-                   default=("none", "relu", "residual+relu"), help="comma-separated, default all")
+    fusions = ("none", "relu", "residual+relu", "silu", "residual+silu")
+    p.add_argument("--fusions", type=_choices(fusions), default=fusions,
+                   help="comma-separated, default all")
     p.add_argument("--out", default="results", help="folder for traffic.csv and parallelism.csv")
     p.add_argument("--no-parallelism", action="store_true",
                    help="skip the full-scale program counts")

@@ -84,6 +84,26 @@ def test_fused_residual_relu_traffic(tmp_path):
     assert (bwd[bwd.path == "single_launch"].elem_B_per_elem == 20).all()
 
 
+def test_fused_silu_traffic(tmp_path):
+    """A fused SiLU moves nothing more than the plain op (its input z is recomputed from x in
+    the backward); after a residual, forward reads r once more and backward reads r again
+    (for z) and writes its gradient: the same bytes as residual+relu, which reads y."""
+    df = _traffic(tmp_path, "--fusions", "none,silu,residual+silu", "--layouts", "nchw,nhwc",
+                  "--shapes", "12x4x28x28,8x16x7x7")
+    key = ["op", "stats", "layout", "N", "C", "H", "W", "path"]
+    plain = df[df.fusion == "-"].set_index(key).elem_B_per_elem
+    silu = df[df.fusion == "silu"].set_index(key).elem_B_per_elem
+    assert len(silu) == len(plain) >= 8 and (silu == plain.loc[silu.index]).all()
+    res = df[df.fusion == "residual+silu"]
+    fwd = res[res.op == "train_fwd"]
+    assert (fwd[fwd.path == "single_launch"].elem_B_per_elem == 12).all()
+    assert (res[(res.op == "eval")].elem_B_per_elem == 12).all()
+    bwd = res[res.op == "train_bwd"]
+    assert (bwd[bwd.path == "general"].elem_B_per_elem <= 32).all()  # 2x (x, dy, r) + dx, dres
+    assert (bwd[bwd.path == "single_launch"].elem_B_per_elem == 20).all()
+    assert (res.min_B_per_elem == res.op.map({"train_fwd": 12, "eval": 12, "train_bwd": 20})).all()
+
+
 @pytest.mark.quick
 def test_parallelism_fills_an_h100():
     """ResNet-50's BatchNorm shapes at batch >= 32: every launch has >= 2 x 132 programs,

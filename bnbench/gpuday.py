@@ -193,7 +193,8 @@ def checks():
     flags = {
         "no affine": dict(affine=False, grads=("x",)), "no running stats": dict(running=False),
         "cumulative": dict(cumulative=True), "relu": dict(activation="relu"),
-        "silu": dict(activation="silu"), "residual": dict(residual=True, grads=("x", "w", "b", "r")),
+        "silu": dict(activation="silu"),
+        "residual": dict(residual=True, grads=("x", "w", "b", "r")),
         "residual+relu": dict(residual=True, activation="relu", grads=("x", "w", "b", "r")),
         "residual+silu": dict(residual=True, activation="silu", grads=("x", "w", "b", "r")),
         "no dx": dict(grads=("w", "b")),
@@ -848,7 +849,8 @@ def gpu_day(args):
     out = Path(args.out)
     if args.dry_run:
         os.environ.pop("TRITON_INTERPRET", None)  # recording needs no interpreter
-        p = plan(args.budget, len(all_launches(_planned_cases(args.budget))), workers=args.workers, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        p = plan(args.budget, len(all_launches(_planned_cases(args.budget))),
+                 workers=args.workers, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         text = format_plan(p)
         print(text)
         (out / "gpu_day_plan.txt").write_text(text + "\n")
@@ -878,6 +880,10 @@ def gpu_day(args):
             s.measured_s = time.monotonic() - start
             stages.append(s)
             raise  # the later stages are skipped; the summary is still written
+        except Exception as exc:  # noqa: BLE001 (recorded; the next stages still run)
+            from .runner import one_line
+
+            s.note, result = f"failed: {one_line(exc)}", None
         s.measured_s = time.monotonic() - start
         stages.append(s)
         return result
@@ -931,9 +937,10 @@ def gpu_day(args):
         final = next(x for x in p.stages if x.name == "final")
         final.items = 1
         text = finish(out, csv_path, stages + [final], started, env, clock)
-        final.measured_s, final.done = time.monotonic() - start, 1
-        text = finish(out, csv_path, stages + [final], started, env, clock)
-        print(text)
+        line = f"final: plots and summary took {time.monotonic() - start:.1f} s\n"
+        with open(out / "summary.txt", "a") as f:
+            f.write(line)
+        print(text + line)
     print(f"bnbench gpu-day: done in {clock.elapsed():.0f} s of {clock.budget_s:.0f}; "
           f"files in {out}", flush=True)
     return 0

@@ -253,3 +253,58 @@ def test_precompile_in_worker_processes(tmp_path):
     df = pd.read_csv(tmp_path / "compile.csv", keep_default_na=False)
     assert len(df) == 2 and (df["error"] == "").all() and (df["registers"] > 0).all()
     assert set(df["arch"]) == {90}
+
+
+@pytest.mark.parametrize("sweep_outcome", ["done", "budget", "fails"])
+def test_gpu_day_orchestration(tmp_path, monkeypatch, sweep_outcome):
+    """The stages in order with the stage functions stubbed (no GPU here): a summary with
+    every stage, also when the sweep hits the soft deadline or raises."""
+    import argparse
+
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(gpuday, "all_launches", lambda cases: [])
+    monkeypatch.setattr(gpuday, "_arm", lambda clock, reserve, hard=True: None)
+    monkeypatch.setattr(gpuday, "_disarm", lambda timer: None)
+
+    def env(out):
+        calls.append("environment")
+        return {"copy_gbps": 1.0}, {"device": "stub GPU", "sm_count": 132}
+
+    def compile_(out, clock, p, reserve, arch, limit=None):
+        calls.append(("compile", arch))
+        return [{"error": ""}], ""
+
+    def checks(out, clock, the_checks, reserve, check_s, device="cuda"):
+        calls.append("correctness")
+        return [{"status": "ok"}], "coverage: 1 of 1 kernel variants ran"
+
+    def sweep(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device="cuda",
+              only=None):
+        calls.append(("sweep", run_fields["copy_gbps"]))
+        if sweep_outcome == "budget":
+            raise gpuday.BudgetExceeded()
+        if sweep_outcome == "fails":
+            raise RuntimeError("boom")
+        return None, 7, "", 3
+
+    monkeypatch.setattr(gpuday, "record_environment", env)
+    monkeypatch.setattr(gpuday, "precompile", compile_)
+    monkeypatch.setattr(gpuday, "run_checks", checks)
+    monkeypatch.setattr(gpuday, "run_sweep", sweep)
+    args = argparse.Namespace(budget=480.0, out=tmp_path, dry_run=False, workers=16,
+                              warmup_ms=10.0, rep_ms=25.0, start=time.monotonic())
+    assert gpuday.gpu_day(args) == 0
+    assert calls == ["environment", ("compile", 90), "correctness", ("sweep", 1.0)]
+    summary = (tmp_path / "summary.txt").read_text()
+    for stage in ("startup", "environment", "compile", "correctness", "sweep", "final"):
+        assert f"\n{stage} " in summary
+    assert "stub GPU (132 SMs" in summary and "coverage: 1 of 1" in summary
+    sweep_line = next(l for l in summary.splitlines() if l.startswith("sweep "))
+    expected = {"done": "7 rows", "budget": "stopped at the budget",
+                "fails": "failed: RuntimeError: boom"}[sweep_outcome]
+    assert expected in sweep_line
+    assert (tmp_path / "gpu_day_plan.txt").exists()

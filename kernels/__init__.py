@@ -5,6 +5,8 @@ Public API:
                momentum=0.1, eps=1e-5, *, stats="single_pass", residual=None, activation=None)
     BatchNorm1d / BatchNorm2d / BatchNorm3d(num_features, ..., *, stats="single_pass",
                                             activation=None)
+    SyncBatchNorm(num_features, ..., process_group=None, *, stats=, activation=): over
+        torch.distributed (NCCL for CUDA, gloo for CPU); SyncBatchNorm.convert_sync_batchnorm
     convert_batchnorm(module, **kwargs): the returned module's conversion_report says
         what was converted and what was kept, with the reason
     fold_conv_bn(conv, bn), fold_batchnorm(model, inplace=False), BatchNormInference
@@ -21,8 +23,10 @@ from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ConversionRecord, C
 from ._layout import set_interpreter_plans
 from ._tuning import set_autotune
 from .ops import INTERPRETED, batch_norm, uses_triton
+from .sync import SyncBatchNorm, sync_batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ConversionRecord",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "sync_batch_norm",
+           "ConversionRecord",
            "ConversionReport", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
            "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord",
            "FoldReport", "fold_batchnorm", "fold_conv_bn"]

@@ -238,14 +238,16 @@ def _nchw_block_col(hw, fast=False):
     return min(triton.next_power_of_2(max(hw, 1)), 1024)
 
 
-def plan(x, channels_last, *, merge=True):
+def plan(x, channels_last, *, merge=True, single_launch=True):
     """Block sizes and work split for `x` on the given path (see the module docstring).
 
     `merge=False` is for launches that merge no partials (eval): split is then
     limited only by the number of tiles, and the single-launch path does not apply.
+    `single_launch=False` never takes the single-launch path (the synchronised op,
+    whose statistics cross processes between launches).
     """
     general = _general_plan(x, channels_last, merge)
-    if not merge:
+    if not merge or not single_launch:
         return general
     fused = _fused_plan(x, channels_last)
     fill = FILL_WAVES * num_sms(x.device)

@@ -264,7 +264,7 @@ def _bn_bwd_fused_kernel(
 
 def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None, relu=False,
                 has_residual=False, residual=None, need_dx=True, need_dweight=True,
-                need_dbias=True, need_dresidual=True):
+                need_dbias=True, need_dresidual=True, sums_hook=None):
     """Gradients of :func:`kernels.forward.bn_forward_train` / ``bn_forward_eval``.
 
     Args:
@@ -281,6 +281,11 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None
         residual: that residual; needed (read once more) for "silu" with a residual,
             where z = x_hat * w + b + residual is recomputed.  Else unused (may be None).
         need_*: which gradients to compute; the others are returned as None.
+        sums_hook: for the synchronised op (kernels.sync): called as
+            ``sums_hook(part_g, part_gx)`` with this process's [split, C] partials of
+            sum g and sum g * x_hat; returns the partials and the count dx is to use
+            (the global batch's).  dweight and dbias stay this process's sums (as in
+            torch.nn.SyncBatchNorm) and the general (two-launch) path is taken.
 
     Returns:
         (dx, dweight, dbias, dresidual).
@@ -307,9 +312,9 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None
     y = to_layout(y, channels_last) if (act == ACT_RELU.value and has_residual) else None
     r = (to_layout(residual, channels_last) if (act == ACT_SILU.value and has_residual)
          else None)
-    p = plan(x, channels_last)
+    p = plan(x, channels_last, single_launch=sums_hook is None)
     acc = acc_dtype(x.dtype)
-    need_sums = training or need_dweight or need_dbias
+    need_sums = training or need_dweight or need_dbias or sums_hook is not None
     part_g = part_gx = None
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACTIVATION=act,
                   HAS_RESIDUAL=has_residual, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
@@ -340,14 +345,21 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None
             *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
             **common, **opts,
         )
+    count = float(p.count)
+    if sums_hook is not None:  # this process's dweight/dbias; the global sums for dx
+        if need_dweight:
+            dw.copy_(part_gx.sum(0))
+        if need_dbias:
+            db.copy_(part_g.sum(0))
+        need_dweight = need_dbias = False
+        part_g, part_gx, count = sums_hook(part_g, part_gx)
     # without dx or the residual's grad, only split 0 (which writes dweight/dbias) is needed
     grid = p.grid if (write_dx or write_dres) else (p.groups, 1)
     if need_sums or write_dx or write_dres:
         kernel, opts = launcher(_bn_bwd_dx_kernel, p.num_warps)
         kernel[grid](
             x, dy, y, r, dx, dres, weight, bias, mean, rstd, part_g, part_gx, dw, db,
-            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
-            float(p.count),
+            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split, count,
             *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
             *out_strides,
             TRAINING=training, NEED_SUMS=need_sums, WRITE_DX=write_dx, WRITE_DRES=write_dres,

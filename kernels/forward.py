@@ -350,6 +350,20 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
     )
 
 
+def launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b, count=None):
+    """One launch of the statistics kernel on plan `p` (a general plan): per-program partials
+    of x - pivot into the [split, C] buffers (see _bn_fwd_stats_kernel).  `count` divides the
+    merged sums of part_a in the STATS_CENTRED pass (default: the plan's M)."""
+    kernel, opts = launcher(_bn_fwd_stats_kernel, p.num_warps)
+    kernel[p.grid](
+        x, count_buf, part_a, part_b,
+        x.shape[1], p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
+        float(p.count if count is None else count), *strides(x, channels_last),
+        STATS=pass_, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
+        BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
+    )
+
+
 def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
                      stats="single_pass", residual=None, activation=None,
                      num_batches_tracked=None):
@@ -407,15 +421,8 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     welford = stats == "single_pass"
     count_buf = torch.empty(part_shape, dtype=acc, device=x.device) if welford else None
     stats_passes = (STATS_WELFORD,) if welford else (STATS_SUM, STATS_CENTRED)
-    kernel, opts = launcher(_bn_fwd_stats_kernel, p.num_warps)
     for pass_ in stats_passes:
-        kernel[p.grid](
-            x, count_buf, part_a, part_b,
-            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
-            float(p.count), *strides(x, channels_last),
-            STATS=pass_, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
-            BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
-        )
+        launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b)
     _launch_apply(
         x, y, residual, weight, bias, (count_buf, part_a, part_b),
         running_mean, running_var, (save_mean, save_rstd), p, momentum, eps,

@@ -174,20 +174,26 @@ def _carry_over(old, new):
             setattr(new, name, value)
 
 
-def _convert_one(module, options):
-    """(new module or None, reason) for one BatchNorm module."""
+def _convert_one(module, options, target=None, extra=None):
+    """(new module or None, reason) for one BatchNorm module.  `target`: the class to
+    convert into (default: the kernels class of the module's torch class); `extra`: more
+    constructor arguments (SyncBatchNorm's process_group)."""
     kind = type(module)
     if isinstance(module, _BatchNormKernels) and kind in KERNELS_FOR.values():
-        if not options:
+        if not options and target in (None, kind):
             return None, "already a kernels module"
-        cls, opts = kind, {"stats": module.stats, "activation": module.activation, **options}
+        opts = {"stats": module.stats, "activation": module.activation, **options}
+        cls = target or kind
     else:
         why = _why_not_exact(module)
         if why is not None:
             return None, why
-        cls, opts = KERNELS_FOR[_torch_base(module)], options
+        cls, opts = target or KERNELS_FOR[_torch_base(module)], options
+    extra = dict(extra or {})
+    if issubclass(cls, nn.SyncBatchNorm) and extra.get("process_group") is None:
+        extra["process_group"] = getattr(module, "process_group", None)
     new = cls(module.num_features, module.eps, module.momentum, module.affine,
-              module.track_running_stats, device="meta", **opts)
+              module.track_running_stats, device="meta", **extra, **opts)
     _carry_over(module, new)
     return new, f"into kernels.{cls.__name__}"
 
@@ -195,11 +201,12 @@ def _convert_one(module, options):
 def convert_batchnorm(module, **kwargs):
     """Return `module` with every ``torch.nn.BatchNorm1d/2d/3d`` replaced by the kernels' module.
 
-    Exactly these torch classes are converted, and ``kernels``' own modules (given new
-    `kwargs`); a subclass with its own methods, parameters, buffers or submodules is
-    left as it is (converting it would drop its behaviour), and so is any other
-    BatchNorm (``SyncBatchNorm``, lazy modules).  Known model-zoo BatchNorms are
-    converted by ``kernels.zoo`` where it knows an exact equivalent.
+    Exactly these torch classes are converted (and ``torch.nn.SyncBatchNorm``, into
+    ``kernels.SyncBatchNorm``), and ``kernels``' own modules (given new `kwargs`); a
+    subclass with its own methods, parameters, buffers or submodules is left as it is
+    (converting it would drop its behaviour), and so is any other BatchNorm (lazy
+    modules).  Known model-zoo BatchNorms are converted by ``kernels.zoo`` where it
+    knows an exact equivalent.
 
     Parameters and buffers are carried over (the same Parameter objects, as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), with the training flag,
@@ -209,25 +216,32 @@ def convert_batchnorm(module, **kwargs):
     The returned module's ``conversion_report`` lists every BatchNorm met, converted
     or kept, with the reason.
     """
-    unknown = set(kwargs) - {"stats", "activation"}
+    return convert_tree(module, kwargs)
+
+
+def convert_tree(module, options, target=None, extra=None):
+    """convert_batchnorm's walk; with `target`, every convertible BatchNorm becomes that class
+    (SyncBatchNorm.convert_sync_batchnorm) and the model-zoo converters are not used."""
+    unknown = set(options) - {"stats", "activation"}
     if unknown:
         raise TypeError(f"convert_batchnorm() got unexpected options {sorted(unknown)}; "
                         f"it takes stats= and activation=")
-    report, done, zoo = ConversionReport(), {}, _zoo_converter()
+    report, done = ConversionReport(), {}
+    zoo = _zoo_converter() if target is None else None
 
     def convert(mod, name):
         if id(mod) in done:
             return done[id(mod)]
         new, reason = None, None
         if zoo is not None:
-            new = zoo(mod, **kwargs)
+            new = zoo(mod, **options)
             reason = "known model-zoo module, converted exactly" if new is not None else None
         if new is None and isinstance(mod, nn.modules.batchnorm._BatchNorm):
             if _torch_base(mod) is None:
-                reason = (f"{type(mod).__name__} is not a BatchNorm1d/2d/3d "
-                          f"(e.g. SyncBatchNorm): left as it is")
+                reason = (f"{type(mod).__name__} is not a BatchNorm1d/2d/3d or SyncBatchNorm: "
+                          f"left as it is")
             else:
-                new, reason = _convert_one(mod, kwargs)
+                new, reason = _convert_one(mod, options, target, extra)
         if reason is not None:
             report.records.append(ConversionRecord(name, type(mod).__name__, new is not None,
                                                    reason))

@@ -353,8 +353,11 @@ class _BatchNormFunctionEager(_BatchNormFunction):
 # the functional API
 
 def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
-                          stats, residual, activation, eps=1e-5):
-    """Raise the error torch.nn.functional.batch_norm would (same type), with a clear message."""
+                          stats, residual, activation, eps=1e-5, local_batch=True):
+    """Raise the error torch.nn.functional.batch_norm would (same type), with a clear message.
+
+    `local_batch=False` (the synchronised op): the batch is the group's, so one value per
+    channel on this rank is allowed."""
     if stats not in STATS_MODES:
         raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
     if activation not in ACTIVATIONS:
@@ -375,7 +378,7 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
             f"cumulative average, needs a module's num_batches_tracked)")
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+    if training and local_batch and input.shape[0] * math.prod(input.shape[2:]) == 1:
         raise ValueError(
             f"Expected more than 1value per channel when training, got input size {input.size()}"
             .replace("1value", "1 value"))

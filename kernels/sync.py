@@ -1,0 +1,308 @@
+r"""``kernels.SyncBatchNorm``: batch normalisation over every rank of a ``torch.distributed`` group.
+
+In training the statistics are those of the union of the group's batches, as one process
+would compute them on the concatenated batch.  Per channel, rank r holds n_r elements
+(n_r = 0 for an empty batch) and p_r, its first element (the pivot of the single-process
+kernels: statistics are taken of x - p_r, see kernels.forward):
+
+* ``single_pass``: the statistics kernel gives each rank's exact (n_r, m_r, M2_r) of
+  x - p_r in one read; ONE collective (an all_gather of (n, p, m, M2): 4C values per
+  rank) and every rank merges them with Chan's formula in its k-way form, in rank
+  order, around a common pivot P (the first non-empty rank's):
+      mu = sum_r n_r (p_r - P + m_r) / N,   M2 = sum_r M2_r + n_r (p_r - P + m_r - mu)^2.
+* ``two_pass``: the kernel's first pass gives each rank's sum of x - p_r; an all_gather of
+  (n, p, sum) (3C values) gives the global mean; the kernel's centred pass gives each
+  rank's sum (x - mean)^2, and an all_reduce (C values) the global M2: two collectives.
+
+The normalising launch is the inference kernel with the local pivot as its "mean" and the
+shifted mean folded into the bias,
+      y = act((x - p_r) * rstd * w + (b - (P - p_r + mu) * rstd * w) [+ residual]),
+so data with a large mean (1e4, std 1) loses no precision across ranks either.  The
+running statistics get the global mean and the unbiased variance M2 / (N - 1).
+
+Backward: the reduction kernel gives each rank's sum g and sum g * x_hat; ONE all_reduce
+of these 2C values, divided by N, feeds the dx kernel.  dweight and dbias are each rank's
+own sums, as in ``torch.nn.SyncBatchNorm`` (DistributedDataParallel then averages them).
+
+No device-to-host synchronisation: counts stay on the device (an empty rank contributes
+n = 0 through the same collectives, so nothing hangs), the momentum of ``momentum=None``
+is read from ``num_batches_tracked`` on the device, and the launches depend on shapes only.
+Deterministic: fixed merge orders, no atomics.  Eval mode, no initialised process group
+or a group of one rank: no communication, the result of ``kernels.BatchNorm*d``.
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._layout import choose_layout, empty_output, plan
+from .backward import bn_backward
+from .forward import STATS_CENTRED, STATS_SUM, STATS_WELFORD, acc_dtype, bn_forward_eval, \
+    launch_stats
+from .modules import KERNELS_FOR, _BatchNormKernels, convert_tree
+from .ops import _act, check_batch_norm_args
+
+
+def _group(name):
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+def _all_gather(t, group):
+    """[world, *t.shape]: every rank's `t`, in rank order."""
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return torch.stack(out)
+
+
+def _local_partials(x, channels_last, pass_, acc, centre=None):
+    """The statistics kernel's [split, C] partials of x - pivot for this rank."""
+    p = plan(x, channels_last, single_launch=False)
+    shape = (p.split, x.shape[1])
+    count_buf = torch.empty(shape, dtype=acc, device=x.device) if pass_ == STATS_WELFORD else None
+    part_a = torch.zeros(shape, dtype=acc, device=x.device)
+    part_b = torch.empty(shape, dtype=acc, device=x.device)
+    if centre is not None:  # the centred pass merges part_a / count: the mean, in row 0
+        part_a[0] = centre
+    launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b, count=1.0)
+    return count_buf, part_a, part_b
+
+
+def _global_stats(x, stats, group):
+    """(N, P, mu, M2, pivot): global count, common pivot, mean of x - P, centred sum of
+    squares, and this rank's pivot; all (C,) tensors in the accumulation dtype."""
+    C, acc = x.shape[1], acc_dtype(x.dtype)
+    zeros = x.new_zeros(C, dtype=acc)
+    empty = x.numel() == 0
+    xl, channels_last = choose_layout(x)
+    pivot = zeros if empty else xl[0].reshape(C, -1)[:, 0].to(acc).contiguous()
+    n = torch.full_like(zeros, 0 if empty else x.numel() // C)
+    if stats == "single_pass":
+        mean = m2 = zeros
+        if not empty:  # this rank's exact (n, mean, M2): a k-way Chan merge of the programs'
+            cnt, part_mean, part_m2 = _local_partials(xl, channels_last, STATS_WELFORD, acc)
+            mean = (cnt * part_mean).sum(0) / n
+            m2 = part_m2.sum(0) + (cnt * (part_mean - mean) ** 2).sum(0)
+        n_r, p_r, m_r, m2_r = _all_gather(torch.stack([n, pivot, mean, m2]), group).unbind(1)
+    else:
+        total = zeros if empty else _local_partials(xl, channels_last, STATS_SUM, acc)[1].sum(0)
+        n_r, p_r, s_r = _all_gather(torch.stack([n, pivot, total]), group).unbind(1)
+        m_r = s_r / n_r.clamp_min(1)
+    N = n_r.sum(0)
+    first = (n_r > 0).to(acc).argmax(0, keepdim=True)  # the first non-empty rank
+    P = p_r.gather(0, first)[0]
+    shifted = p_r - P + m_r  # each rank's mean, relative to P
+    mu = (n_r * shifted).sum(0) / N.clamp_min(1)
+    if stats == "single_pass":
+        M2 = m2_r.sum(0) + (n_r * (shifted - mu) ** 2).sum(0)
+    else:  # second read: each rank's sum (x - mean)^2, then the second collective
+        ss = zeros if empty else _local_partials(xl, channels_last, STATS_CENTRED, acc,
+                                                 centre=P - pivot + mu)[2].sum(0)
+        M2 = ss.clone()
+        dist.all_reduce(M2, group=group)
+    return N, P, mu, M2, pivot
+
+
+@torch.library.custom_op("bnbench::sync_batch_norm_train",
+                         mutates_args=("running_mean", "running_var"))
+def _sync_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   residual: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                   momentum: float, eps: float, stats: str, activation: str,
+                   group: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    acc = acc_dtype(x.dtype)
+    N, P, mu, M2, pivot = _global_stats(x, stats, _group(group))
+    var = M2 / N.clamp_min(1)
+    rstd = (var + eps).rsqrt()
+    scale = rstd if weight is None else rstd * weight.to(acc)
+    shift = -(P - pivot + mu) * scale  # the shifted mean, folded into the bias
+    shift = shift if bias is None else shift + bias.to(acc)
+    act = None if activation == "none" else activation
+    y = bn_forward_eval(x, weight, shift, pivot, var, eps, residual, act)
+    mean = P + mu
+    if running_mean is not None:  # global mean and unbiased variance; nothing if N == 0
+        m = (momentum if num_batches_tracked is None
+             else 1.0 / num_batches_tracked.to(acc).clamp_min(1))
+        unbiased = M2 / (N - 1).clamp_min(1)
+        for stat, new in ((running_mean, mean), (running_var, unbiased)):
+            old = stat.to(acc)
+            stat.copy_(torch.where(N > 0, old + m * (new - old), old))
+    return y, mean, rstd, N
+
+
+@_sync_train_op.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
+      stats, activation, group):
+    stat = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
+    return empty_output(x), stat, torch.empty_like(stat), torch.empty_like(stat)
+
+
+@torch.library.custom_op("bnbench::sync_batch_norm_backward", mutates_args=())
+def _sync_backward_op(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor],
+                      bias: Optional[Tensor], residual: Optional[Tensor], mean: Tensor,
+                      rstd: Tensor, count: Tensor, activation: str, group: str,
+                      grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    pg = _group(group)
+
+    def global_sums(part_g, part_gx):  # one all_reduce of (sum g, sum g * x_hat), / N
+        sums = torch.stack([part_g.sum(0), part_gx.sum(0)])
+        dist.all_reduce(sums, group=pg)
+        sums = sums / count.clamp_min(1)
+        out_g, out_gx = torch.zeros_like(part_g), torch.zeros_like(part_gx)
+        out_g[0], out_gx[0] = sums[0], sums[1]
+        return out_g, out_gx, 1.0
+
+    if x.numel() == 0:  # an empty rank still takes part in the collective
+        zero = x.new_zeros((1, x.shape[1]), dtype=mean.dtype)
+        global_sums(zero, zero)
+        outs = (torch.empty_like(x) if grad_mask[0] else None,
+                torch.zeros_like(weight) if grad_mask[1] and weight is not None else None,
+                torch.zeros_like(bias) if grad_mask[2] and bias is not None else None,
+                torch.empty_like(x) if grad_mask[3] and residual is not None else None)
+    else:
+        outs = bn_backward(dy, x, y, weight, bias, mean, rstd, training=True,
+                           activation=None if activation == "none" else activation,
+                           has_residual=residual is not None, residual=residual,
+                           need_dx=grad_mask[0], need_dweight=grad_mask[1],
+                           need_dbias=grad_mask[2], need_dresidual=grad_mask[3],
+                           sums_hook=global_sums)
+    return tuple(o if o is not None else x.new_empty(0) for o in outs)
+
+
+@_sync_backward_op.register_fake
+def _(dy, x, y, weight, bias, residual, mean, rstd, count, activation, group, grad_mask):
+    empty = x.new_empty(0)
+    return (empty_output(x) if grad_mask[0] else empty,
+            torch.empty_like(weight) if grad_mask[1] and weight is not None else empty,
+            torch.empty_like(bias) if grad_mask[2] and bias is not None else empty,
+            empty_output(x) if grad_mask[3] and residual is not None else empty)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Autograd rule over the synchronised ops (first order; see the module docstring)."""
+
+    @staticmethod
+    def forward(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                momentum, eps, stats, activation, group):
+        return torch.ops.bnbench.sync_batch_norm_train(
+            x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+            momentum, eps, stats, _act(activation), group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, residual, *_, activation, group = inputs
+        y, mean, rstd, count = output
+        ctx.mark_non_differentiable(mean, rstd, count)
+        y_saved = y if (activation == "relu" and residual is not None) else None
+        ctx.save_for_backward(x, y_saved, weight, bias, residual, mean, rstd, count)
+        ctx.flags = (activation, group, residual is not None)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, y, weight, bias, residual, mean, rstd, count = ctx.saved_tensors
+        activation, group, has_residual = ctx.flags
+        need = ctx.needs_input_grad
+        # every rank must join the all_reduce, so dx's sums are computed even when x needs
+        # no gradient here
+        mask = [True, need[1] and weight is not None, need[2] and bias is not None,
+                has_residual and need[3]]
+        grads = torch.ops.bnbench.sync_batch_norm_backward(
+            dy, x, y, weight, bias, residual, mean, rstd,
+            count, _act(activation), group, mask)
+        grads = [g if m and n else None for g, m, n in zip(grads, mask, need)]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                    process_group=None, *, stats="single_pass", residual=None, activation=None,
+                    num_batches_tracked=None):
+    """Training batch norm with the statistics of every rank of `process_group` (default:
+    the world).  Arguments as :func:`kernels.batch_norm` (training=True); a collective, so
+    every rank of the group must call it."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    return _SyncBatchNormFunction.apply(
+        input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+        float(momentum), float(eps), stats, activation, group.group_name)[0]
+
+
+class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on the Triton kernels, for CUDA (NCCL) and CPU (gloo).
+
+    Same parameters, buffers and ``state_dict`` keys as torch's; input ``(N, C, *)``;
+    ``stats=`` and ``activation=`` as in ``kernels.BatchNorm2d``; ``forward(x,
+    residual=None)``.  Synchronises in training when a process group of more than one
+    rank is initialised; otherwise it is ``kernels.BatchNorm*d``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None, dtype=None, *,
+                 stats="single_pass", activation=None, **torch_kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, stats=stats, activation=activation,
+                         process_group=process_group, **torch_kwargs)
+
+    def _group(self):
+        """The process group to synchronise over, or None for no communication."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, input, residual=None):
+        group = self._group()
+        if group is None:
+            return super().forward(input, residual)
+        self._check_input_dim(input)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        # checked before counting the batch (a refused call changes nothing); "more than 1
+        # value per channel" is the global batch's business, not this rank's
+        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
+                              True, momentum, self.stats, residual, self.activation, self.eps,
+                              local_batch=False)
+        cumulative = None
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                cumulative = self.num_batches_tracked
+        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                               momentum, self.eps, group, stats=self.stats, residual=residual,
+                               activation=self.activation, num_batches_tracked=cumulative)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None, **kwargs):
+        """`module` with every BatchNorm1d/2d/3d, ``torch.nn.SyncBatchNorm`` and kernels
+        BatchNorm replaced by :class:`SyncBatchNorm` (parameters, buffers and
+        ``num_batches_tracked`` carried over), with the rules of
+        :func:`kernels.convert_batchnorm`: a subclass with its own behaviour is left as it
+        is and listed in the returned module's ``conversion_report``."""
+        return convert_tree(module, kwargs, target=cls,
+                            extra=dict(process_group=process_group))
+
+
+KERNELS_FOR.setdefault(nn.SyncBatchNorm, SyncBatchNorm)
+
+
+def _let_ddp_wrap_cpu_modules():
+    """DistributedDataParallel refuses any torch.nn.SyncBatchNorm in a CPU module, because
+    torch's own runs on GPUs only.  Ours runs on CPU (gloo) too: exempt it, and only it, from
+    that check.  Checked against torch 2.7 to 2.13 (DDP._passing_sync_batchnorm_handle);
+    where the method does not exist, nothing is changed."""
+    ddp = nn.parallel.DistributedDataParallel
+    original = getattr(ddp, "_passing_sync_batchnorm_handle", None)
+    if original is None or getattr(original, "_bnbench", False):
+        return
+
+    def check(self, module):
+        torch_own = [m for m in module.modules()
+                     if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm)]
+        if torch_own or self.device_type != "cpu":
+            return original(self, module)
+
+    check._bnbench = True
+    ddp._passing_sync_batchnorm_handle = check
+
+
+_let_ddp_wrap_cpu_modules()

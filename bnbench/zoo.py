@@ -172,24 +172,26 @@ def fold_check(model, shape=EVAL_INPUT, seed=0):
                 fold_rel_err=err, fold_s=fold_s, folded_model=folded)
 
 
-def convert_check(model, mode, seed=0):
+def convert_check(model, mode, seed=0, device="cpu"):
     """Convert the float32 `model` and run it on the kernels (mode "eval" or "train"):
     dict with convert_<mode>_rel_err and torch_<mode>_rel_err against the float64
     original, converted (modules converted), seconds, and the models run: model (the
-    converted one) and reference (the float64 original)."""
+    converted one) and reference (the float64 original), on `device`."""
     import torch
 
     import kernels
 
     shape = EVAL_INPUT if mode == "eval" else TRAIN_INPUT
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     prepare = (lambda m: m.eval()) if mode == "eval" else batchnorm_train_mode
-    ref32 = prepare(copy.deepcopy(model).float())
-    ref64 = prepare(copy.deepcopy(model).double())
-    converted = kernels.convert_batchnorm(prepare(copy.deepcopy(model).float()))
+    ref32 = prepare(copy.deepcopy(model).float().to(device))
+    ref64 = prepare(copy.deepcopy(model).double().to(device))
+    converted = kernels.convert_batchnorm(prepare(copy.deepcopy(model).float().to(device)))
     with torch.no_grad():
         t = time.perf_counter()
         y = converted(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         y64, y32 = ref64(x.double()), ref32(x)
     report = getattr(converted, "conversion_report", None)
@@ -208,7 +210,8 @@ def run_command(args):
     import torch
 
     timm, torchvision = import_zoo_libraries()
-    kernels.set_interpreter_plans(not torch.cuda.is_available())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kernels.set_interpreter_plans(device == "cpu")
     rows = []
     wanted = [m for m in MODELS if not args.models or any(s in m[1] for s in args.models)]
     for library, name, build, small in wanted:
@@ -221,7 +224,7 @@ def run_command(args):
             if args.convert == "all" or (args.convert == "small" and small):
                 t = time.perf_counter()
                 for mode in ("eval", "train"):
-                    res = convert_check(model, mode)
+                    res = convert_check(model, mode, device=device)
                     row[f"convert_{mode}_rel_err"] = res[f"convert_{mode}_rel_err"]
                     row[f"torch_{mode}_rel_err"] = res[f"torch_{mode}_rel_err"]
                     row["converted"] = res["converted"]

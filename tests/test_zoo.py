@@ -101,14 +101,16 @@ CONVERT_CASES = [
 
 
 @pytest.mark.parametrize("name, mode", CONVERT_CASES)
-def test_convert_zoo_model_on_the_kernels(libs, name, mode):
+def test_convert_zoo_model_on_the_kernels(libs, name, mode, device):
     """convert_batchnorm replaces every zoo BatchNorm; outputs to float32 tolerance (relative
-    to the output's scale) against the float64 original, kernels through the interpreter."""
+    to the output's scale) against the float64 original, on the kernels (compiled on a GPU,
+    through the interpreter on CPU)."""
+    assert kernels.uses_triton(torch.empty(0, device=device)), "the kernels would not run"
     model = build(libs, name)
     n_zoo = sum(zoo_classes(model).values())
     kernels.set_interpreter_plans(True)
     try:
-        res = zoo_cli.convert_check(model, mode)
+        res = zoo_cli.convert_check(model, mode, device=device)
     finally:
         kernels.set_interpreter_plans(False)
     converted = res["model"]

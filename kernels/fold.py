@@ -542,6 +542,12 @@ def fold_batchnorm(model, inplace=False):
     folded instead, assuming those children are called only by their
     Sequential.
 
+    The model zoos' BNs (:mod:`kernels.zoo`: timm's BatchNormAct2d and siblings,
+    torchvision's FrozenBatchNorm2d) fold the same way; a folded one's ``drop`` and
+    ``act`` modules take its place (``nn.Sequential``), a kept one runs the inference
+    kernel with its ReLU/SiLU fused.  BatchNorm-like modules it does not know (a
+    subclass with its own forward, an unknown class) are left as they are, and listed.
+
     Every BN that is not folded is replaced by :class:`BatchNormInference`
     (the one-pass inference kernel), fusing a following ``nn.ReLU`` module
     when that ReLU takes only this BN's output (the ReLU becomes

@@ -6,16 +6,12 @@ between defining ``forward``) is one of the classes below, identified by module 
 and name, and it has the attributes that class's contract reads.  The contracts, in
 eval mode (``bn`` is ``F.batch_norm`` with the running statistics):
 
-==========================================  ===========  ==================================
-class                                       kind         forward
-==========================================  ===========  ==================================
-``timm.layers.norm_act.BatchNormAct2d``     ``bn_act``   ``act(drop(bn(x)))``, batch
-                                                         statistics in training (a
-                                                         ``nn.BatchNorm2d`` subclass)
-``timm.layers.norm_act.SyncBatchNormAct``   ``bn_act``   the same on ``nn.SyncBatchNorm``
-``timm.layers.norm_act.FrozenBatchNormAct2d``  ``frozen_act``  ``act(drop(x * s + t))``
-``torchvision.ops.misc.FrozenBatchNorm2d``  ``frozen``   ``x * s + t``, in training too
-==========================================  ===========  ==================================
+* ``timm.layers.norm_act.BatchNormAct2d`` (kind ``bn_act``): ``act(drop(bn(x)))``, with
+  batch statistics in training (a ``nn.BatchNorm2d`` subclass);
+* ``timm.layers.norm_act.SyncBatchNormAct`` (``bn_act``): the same on ``nn.SyncBatchNorm``
+  (drop and act applied where set);
+* ``timm.layers.norm_act.FrozenBatchNormAct2d`` (``frozen_act``): ``act(drop(x * s + t))``;
+* ``torchvision.ops.misc.FrozenBatchNorm2d`` (``frozen``): ``x * s + t``, in training too;
 
 with ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``
 (the frozen classes hold weight and bias as buffers, and never update anything).

@@ -254,6 +254,8 @@ class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
         if group is None:
             return super().forward(input, residual)
         self._check_input_dim(input)
+        if not torch.compiler.is_compiling():
+            self._check_group_agrees(input, group)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -270,6 +272,24 @@ class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                momentum, self.eps, group, stats=self.stats, residual=residual,
                                activation=self.activation, num_batches_tracked=cumulative)
+
+    def _check_group_agrees(self, input, group):
+        """Once per (channels, dtype, group): every rank must bring the same C and dtype, or
+        the collectives would mismatch (a hang, or garbage).  A host-side exchange
+        (all_gather_object), so it runs on the first call only, before any step is captured
+        (CUDA graphs) and outside torch.compile; every rank raises, so none waits forever."""
+        key = (input.shape[1], str(input.dtype), group.group_name)
+        if getattr(self, "_agreed", None) == key:
+            return
+        mine = (dist.get_rank(group), input.shape[1], str(input.dtype))
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        if any((c, d) != mine[1:] for _, c, d in everyone):
+            raise RuntimeError(
+                f"SyncBatchNorm: every rank of the process group must give the same number of "
+                f"channels ({self.num_features}) and dtype; got (rank, C, dtype) = {everyone}; "
+                f"this is rank {mine[0]} with C={mine[1]}, {mine[2]}")
+        self._agreed = key
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None, **kwargs):

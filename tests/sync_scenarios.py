@@ -198,7 +198,8 @@ def determinism_and_no_host_sync(rank, world):
         ours, _ = _twins(stats, "relu", momentum=None)
         x = _global(2, sizes, torch.float32)[_slices(sizes)[rank]].requires_grad_()
         r = torch.randn_like(x)
-        mode = _NoHostSync()
+        ours(x, residual=r).sum().backward()  # warm-up: the first call checks the group
+        mode = _NoHostSync()  # once (host side), as before a CUDA graph is captured
         with mode:
             ours(x, residual=r).sum().backward()
         assert "bnbench::sync_batch_norm_train" in mode.seen, sorted(mode.seen)
@@ -285,6 +286,15 @@ def errors(rank, world):
             assert match in str(e), (match, str(e))
         else:
             raise AssertionError(f"no {error.__name__} for {match!r}")
+    # a rank with another C, or another dtype: every rank raises (none waits forever)
+    for odd in (torch.randn(2, C + 1, H, W), torch.randn(2, C, H, W, dtype=torch.float64)):
+        mine = odd if rank == 1 else x
+        try:
+            kernels.SyncBatchNorm(C)(mine)
+        except RuntimeError as e:
+            assert "every rank of the process group" in str(e) and f"rank {rank}" in str(e), e
+        else:
+            raise AssertionError("a rank with another C or dtype was not refused")
     for key, value in bn.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed by a refused call"
 

@@ -113,6 +113,7 @@ def install_index_fix():
                 tensor.__index__ = _squeezed_index
 
     patch_lang_tensor._bnbench_index_fix = True
+    patch_lang_tensor._bnbench_original = original
     interpreter._patch_lang_tensor = patch_lang_tensor
     return True
 

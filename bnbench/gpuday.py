@@ -19,7 +19,8 @@ into DIR as it is made, so a run cut short keeps all it did. Stages, in order:
    prioritised ``bnbench run`` sweep (the same runner, columns and plots), in tiers:
    tier 1 answers the mission's question first (ResNet-50's BatchNorm shapes at N = 32
    and 256, bfloat16 and float32, NCHW and channels_last, train_fwd_bwd and eval, every
-   implementation), the next tiers widen it while time remains. ``torch.compile`` runs as
+   implementation), the next tiers widen it: planned when their estimate fits, and run
+   after the planned cases while the clock allows. ``torch.compile`` runs as
    ``torch_compile_dynamic``: one compile with dynamic shapes per (mode, dtype, layout,
    fusion), with a recompile cap that fails loudly rather than running eagerly.
 5. ``summary.txt``: stage times (estimated and measured), what was done and skipped, the
@@ -768,10 +769,11 @@ def compile_dynamic_impl():
 
 
 def run_sweep(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device="cuda",
-              only=None):
+              only=None, widen=True):
     """Stage 4: the planned cases in order, rows to gpu_day.csv as they come; each case only
-    if its estimate still fits. `only`: implementation names to keep (tests). Returns (csv
-    path, rows, note, cases done)."""
+    if its estimate still fits; with `widen`, then the unplanned tiers' cases in order while
+    time remains. `only`: implementation names to keep (tests). Returns (csv path, rows,
+    note, cases done)."""
     from . import impls, report, runner
 
     chosen = {name: impls.IMPLS[name] for name in impls.IMPLS}
@@ -785,7 +787,10 @@ def run_sweep(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device="cud
     groups, note, done = set(), "", 0
     with report.CsvWriter(path, run_fields) as writer:
         try:
-            for case in p.cases:
+            # the planned cases, then the tiers the plan left out, while the clock allows
+            # (their Triton variants were not precompiled: they compile as they launch)
+            extra = [c for tier, *_rest, take in p.tiers if not take for c in tier.cases()]
+            for case in p.cases + (extra if widen else []):
                 cost = case_cost(case, p.model, warmup_ms, rep_ms)
                 g = compile_group(case)
                 if g not in groups and case.mode != "conv_bn_eval":

@@ -177,7 +177,8 @@ def test_sweep_writes_rows_as_it_goes(tmp_path):
              Case("train_fwd_bwd", 2, 4, 3, 3, "float32", "nhwc")]
     path, rows, note, done = gpuday.run_sweep(
         tmp_path, _Clock(480, 0), _plan(cases), {"device": "test"}, reserve=25, warmup_ms=1,
-        rep_ms=1, device="cpu", only=("triton_eval", "triton_single_pass", "torch_native"))
+        rep_ms=1, device="cpu", only=("triton_eval", "triton_single_pass", "torch_native"),
+        widen=False)
     assert done == 2 and note == "" and rows == 4
     df = pd.read_csv(path)
     assert list(df["impl"]) == ["triton_eval", "torch_native", "triton_single_pass",
@@ -308,3 +309,18 @@ def test_gpu_day_orchestration(tmp_path, monkeypatch, sweep_outcome):
                 "fails": "failed: RuntimeError: boom"}[sweep_outcome]
     assert expected in sweep_line
     assert (tmp_path / "gpu_day_plan.txt").exists()
+
+
+def test_sweep_widens_into_unplanned_tiers_while_time_remains(tmp_path):
+    import pandas as pd
+
+    tiny = gpuday.Tier("a", "planned", ("eval",), ("float32",), ("nchw",), (2,), "quick")
+    more = gpuday.Tier("b", "left out", ("eval",), ("float32",), ("nhwc",), (2,), "quick")
+    p = gpuday.plan(480, 0, tiers=(tiny,))
+    p.tiers = [(tiny, 1, 2, 1.0, True), (more, 1, 2, 1.0, False)]
+    p.cases = tiny.cases()
+    path, rows, note, done = gpuday.run_sweep(
+        tmp_path, _Clock(480, 0), p, {"device": "test"}, reserve=25, warmup_ms=1, rep_ms=1,
+        device="cpu", only=("triton_eval",))
+    assert done == 2 and rows == 2
+    assert list(pd.read_csv(path)["layout"]) == ["nchw", "nhwc"]

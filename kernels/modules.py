@@ -151,12 +151,10 @@ def _why_not_exact(module):
 
 
 def _zoo_converter():
-    """kernels.zoo's converter of known model-zoo BatchNorms (timm, torchvision), if present."""
-    try:
-        from .zoo import convert_zoo_module
-    except ImportError:
-        return None
-    return convert_zoo_module
+    """kernels.zoo's (converter, reason) for model-zoo BatchNorms (timm, torchvision)."""
+    from .zoo import convert_zoo_module, convert_zoo_reason
+
+    return convert_zoo_module, convert_zoo_reason
 
 
 def _carry_over(old, new):
@@ -227,7 +225,9 @@ def convert_tree(module, options, target=None, extra=None):
         raise TypeError(f"convert_batchnorm() got unexpected options {sorted(unknown)}; "
                         f"it takes stats= and activation=")
     report, done = ConversionReport(), {}
-    zoo = _zoo_converter() if target is None else None
+    zoo, zoo_reason = _zoo_converter()
+    if target is not None:  # the zoo's replacements are not synchronised
+        zoo = None
 
     def convert(mod, name):
         if id(mod) in done:
@@ -242,6 +242,8 @@ def convert_tree(module, options, target=None, extra=None):
                           f"left as it is")
             else:
                 new, reason = _convert_one(mod, options, target, extra)
+        if reason is None and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            reason = zoo_reason(mod)  # a BatchNorm-like module kernels does not know
         if reason is not None:
             report.records.append(ConversionRecord(name, type(mod).__name__, new is not None,
                                                    reason))

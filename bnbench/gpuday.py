@@ -296,8 +296,9 @@ def plan(budget_s, variants, workers=WORKERS, tiers=TIERS, model=MODEL, warmup_m
         else:
             take = False
         tier_rows.append((tier, len(cases), rows, cost, take))
-    sweep = Stage("sweep", f"{sum(t[2] for t in tier_rows if t[4])} rows in tiers "
-                  f"{','.join(t[0].name for t in tier_rows if t[4])}", sweep_s,
+    names = [t[0].name for t in tier_rows if t[4]]
+    sweep = Stage("sweep", f"{sum(t[2] for t in tier_rows if t[4])} rows in tier"
+                  f"{'s' if len(names) > 1 else ''} {','.join(names)}", sweep_s,
                   items=len(included))
     return Plan(budget_s, fixed + [sweep] + final, tier_rows, included, the_checks, variants,
                 workers, dict(model))
@@ -313,7 +314,7 @@ def format_plan(p, verbose=True):
     lines += ["", f"sweep tiers (do_bench warm-up {WARMUP_MS:.0f} ms + rep {REP_MS:.0f} ms "
               f"per row; torch.compile dynamic, recompile cap {RECOMPILE_CAP}):"]
     for tier, n_cases, rows, cost, take in p.tiers:
-        lines.append(f"  tier {tier.name} {'planned ' if take else 'not planned (no time)'}: "
+        lines.append(f"  tier {tier.name} {'planned' if take else 'not planned (no time)'}: "
                      f"{n_cases} cases, {rows} rows, ~{cost:.0f} s: {tier.why}")
         if verbose:
             from .shapes import SHAPE_SETS

@@ -72,7 +72,7 @@ FULL_GRID = 21
 
 RUN_FIELDS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type",
               "torch_version", "triton_version", "cuda_version", "cudnn_version", "triton_mode",
-              "tf32", "kernel_plans")
+              "tf32", "kernel_plans", "nproc")
 ROW_FIELDS = ("experiment", "variant", "bn", "epoch", "step", "metric", "value", "w1", "w2")
 COLUMNS = RUN_FIELDS + ROW_FIELDS
 EPOCH_METRICS = ("train_loss", "train_acc", "test_acc", "epoch_time_s")
@@ -213,7 +213,8 @@ def _sampled_weights(conv, sampled):
 # training
 
 def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_steps=None,
-                  eval_steps=(), batch_size=None, lr=None, on_row=None, on_step=None):
+                  eval_steps=(), batch_size=None, lr=None, on_row=None, on_step=None,
+                  shard=None):
     """Train one variant; return (the trained model, its rows).
 
     Args:
@@ -229,6 +230,10 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
         batch_size, lr: override the experiment's values (tests).
         on_row: called with each row dict as it is made (the CSV writer).
         on_step: called with the epoch after each optimizer step (the progress bar).
+        shard: (rank, world) when this is one process of a ``torch.distributed`` run
+            (``bnbench.train_dist``): the model's BatchNorms become
+            ``kernels.SyncBatchNorm`` under DistributedDataParallel, each batch is split
+            between the processes, and the losses and accuracies are the whole batch's.
 
     Rows are dicts with the ROW_FIELDS keys; per-epoch rows carry the step they were taken
     at.  Metrics: see the module docstring; also ``test_acc_at_step`` and, at the end,
@@ -239,9 +244,10 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
     on_step = on_step or (lambda epoch: None)
     batch_size = batch_size or experiment.batch_size
     model = build_model(experiment, variant, seed).to(device)
+    net = model if shard is None else _distribute(model, variant, device)
     x_train, y_train, x_test, y_test = (t.to(device) for t in data)
     order_gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=experiment.lr if lr is None else lr)
+    optimizer = torch.optim.SGD(net.parameters(), lr=experiment.lr if lr is None else lr)
     loss_fn = nn.CrossEntropyLoss()
     last_conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
     rows = []
@@ -267,16 +273,20 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
             xb, yb = x_train[idx], y_train[idx]
             weights = _sampled_weights(last_conv, experiment.sampled_weights) or (None, None)
             start = clock()
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_value = loss.item()
+            if shard is None:
+                logits = net(xb)
+                loss = loss_fn(logits, yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_value = loss.item()
+                n_correct = (logits.argmax(1) == yb).sum().item()
+            else:
+                loss_value, n_correct = _distributed_step(net, optimizer, xb, yb, shard)
             epoch_time += clock() - start
             step += 1
             loss_sum += loss_value * len(yb)
-            correct += (logits.argmax(1) == yb).sum().item()
+            correct += n_correct
             emit(epoch, step, "step_loss", loss_value, weights)
             on_step(epoch)
             if step in eval_steps:
@@ -294,6 +304,41 @@ def train_variant(experiment, variant, data, epochs, device, seed=SEED, *, max_s
             break  # the cap fell on an epoch's end
     emit(epoch, step, "step_time_s", train_time / step)
     return model, rows
+
+
+def _distribute(model, variant, device):
+    """DistributedDataParallel over `model`, its BatchNorms synchronised (kernels' for the
+    kernels variants; torch's for torch_bn, which needs CUDA)."""
+    import kernels
+
+    if bn_kind(variant) == "torch":
+        if device != "cuda":
+            raise RuntimeError("torch.nn.SyncBatchNorm runs on CUDA only: torch_bn cannot "
+                               "train over processes on a CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        model = kernels.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [torch.cuda.current_device()] if device == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _distributed_step(net, optimizer, xb, yb, shard):
+    """One step of this process on its part of the batch; (the whole batch's mean loss, its
+    correct predictions).  Each process's loss is its share of the batch's sum, scaled by the
+    world size, so DistributedDataParallel's average of the gradients is the whole batch's."""
+    import torch.distributed as dist
+
+    rank, world = shard
+    part = torch.arange(len(yb), device=yb.device).tensor_split(world)[rank]
+    logits = net(xb[part])
+    loss_sum = F.cross_entropy(logits, yb[part], reduction="sum")
+    optimizer.zero_grad()
+    (loss_sum * (world / len(yb))).backward()
+    optimizer.step()
+    totals = torch.stack([loss_sum.detach(), (logits.argmax(1) == yb[part]).sum().to(
+        loss_sum.dtype)])
+    dist.all_reduce(totals)
+    return totals[0].item() / len(yb), int(totals[1].item())
 
 
 def accuracy(model, x, y, batch_size):
@@ -386,12 +431,16 @@ def train_command(args):
     import kernels
 
     runs, sizes, grid = plan(args)
+    if args.nproc > 1:  # seed 000 over processes; torch's SyncBatchNorm needs CUDA
+        runs = [r for r in runs if r[0].name == "three_convs"
+                and (bn_kind(r[1]) != "torch" or device == "cuda")]
     environment.set_cpu_threads(device, args.cpu_threads)
     tf32 = environment.pin_tf32() if device == "cuda" else "n/a (cpu)"
     run_fields = environment.collect(device, bool(kernels.INTERPRETED), tf32)
     fast_plans = device == "cpu" and not args.gpu_plans
     kernels.set_interpreter_plans(fast_plans)
     run_fields["kernel_plans"] = "interpreter-fast" if fast_plans else "gpu"
+    run_fields["nproc"] = args.nproc
     csv_path = out / "train.csv"
     data = {name: load_digits_split(exp.image_size, **sizes) for name, exp in EXPERIMENTS.items()}
     replaces = " (replacing the one there)" if csv_path.exists() else ""
@@ -413,19 +462,30 @@ def train_command(args):
             start = time.perf_counter()
             n_train = len(data[experiment.name][1])
             steps = epochs * math.ceil(n_train / experiment.batch_size)
-            with tqdm(total=min(steps, max_steps or steps), unit="step", file=sys.stderr,
-                      desc=f"{experiment.name} {variant}", leave=False) as bar:
-                model, rows = train_variant(experiment, variant, data[experiment.name], epochs,
-                                            device, args.seed, max_steps=max_steps,
-                                            eval_steps=eval_steps, on_row=write,
-                                            on_step=lambda epoch: (bar.update(),
-                                                                   bar.set_postfix(epoch=epoch)))
+            if args.nproc > 1:
+                from .train_dist import train_variant_distributed
+
+                model, rows = None, train_variant_distributed(dict(
+                    experiment=experiment.name, variant=variant, epochs=epochs,
+                    max_steps=max_steps, sizes=sizes, seed=args.seed, device=device,
+                    interpret=bool(kernels.INTERPRETED), fast_plans=fast_plans,
+                    threads=args.cpu_threads), args.nproc)
+                for row in rows:
+                    write(row)
+            else:
+                with tqdm(total=min(steps, max_steps or steps), unit="step", file=sys.stderr,
+                          desc=f"{experiment.name} {variant}", leave=False) as bar:
+                    model, rows = train_variant(
+                        experiment, variant, data[experiment.name], epochs, device, args.seed,
+                        max_steps=max_steps, eval_steps=eval_steps, on_row=write,
+                        on_step=lambda epoch: (bar.update(), bar.set_postfix(epoch=epoch)))
             last = {r["metric"]: r for r in rows}
             done = (f"{last['test_acc']['epoch']} epochs, test acc {last['test_acc']['value']:.1f}%"
                     if "test_acc" in last else "no full epoch")
             print(f"  {experiment.name:<12} {variant:<20} {last['step_loss']['step']:>5} steps "
                   f"{time.perf_counter() - start:8.1f} s  {done}", flush=True)
-            if experiment.sampled_weights and bn_kind(variant) in ("none", "torch"):
+            if model is not None and experiment.sampled_weights and bn_kind(variant) in (
+                    "none", "torch"):
                 path = [r for r in rows if r["metric"] == "step_loss"]
                 x_train, y_train = (t[:SURFACE_SAMPLES].to(device)
                                     for t in data[experiment.name][:2])

@@ -62,6 +62,12 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=SEED,
                    help=f"seed of the initial weights and the data order (default {SEED})")
     add_cpu_threads_argument(p)
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="train seed 000's experiment over this many processes with "
+                        "torch.distributed (gloo on a CPU, NCCL with one GPU each), the batch "
+                        "split between them, BatchNorm as kernels.SyncBatchNorm under "
+                        "DistributedDataParallel; variants no_bn and kernels_* (torch_bn too "
+                        "on GPUs); default 1")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder for train.csv and the PNGs (default: {FULL_OUT}; "
                         f"{QUICK_OUT} with --quick; in a checkout, {LOCAL_ROOT}/<that name> "

@@ -262,3 +262,30 @@ def test_training_plots_mark_points_and_use_no_offset():
     assert hi - lo > 0.1  # room around a flat line
     assert ax.get_xlim() == (0, 2)
     plt.close(fig)
+
+
+def test_distributed_training_matches_one_process(device, monkeypatch):
+    """`bnbench train --nproc 2`: seed 000's network over two gloo processes (the batch split
+    between them, kernels.SyncBatchNorm under DDP) trains like one process with the whole
+    batch: per-epoch losses within 1%, test accuracy within 1 point; and the uneven split of
+    a 20-image epoch (batches of 16 and 4: 8/8, then 2/2 per rank) is part of it."""
+    from bnbench.train_dist import train_variant_distributed
+
+    monkeypatch.setattr(kernels._layout, "_fast_interpreter_plans", True)
+    sizes = dict(train_size=20, test_size=20)
+    data = T.load_digits_split(32, **sizes)
+    exp = T.EXPERIMENTS["three_convs"]
+    for variant in ("kernels_single_pass", "no_bn"):
+        _, one = T.train_variant(exp, variant, data, 2, device, batch_size=16, lr=0.05)
+        two = train_variant_distributed(dict(
+            experiment="three_convs", variant=variant, epochs=2, max_steps=None, sizes=sizes,
+            seed=T.SEED, device=device, interpret=True, fast_plans=True, threads=1,
+            batch_size=16, lr=0.05), nproc=2)
+        losses = _epoch_metrics(one, "train_loss"), _epoch_metrics(two, "train_loss")
+        assert len(losses[0]) == len(losses[1]) == 2
+        for epoch, (a, b) in enumerate(zip(*losses), 1):
+            assert abs(a - b) <= 0.01 * abs(b), f"{variant} epoch {epoch}: {a} (2 processes) vs {b}"
+        acc = _epoch_metrics(one, "test_acc")[-1], _epoch_metrics(two, "test_acc")[-1]
+        assert abs(acc[0] - acc[1]) <= 1.0, (variant, acc)
+        if variant != "no_bn":  # with BatchNorm the loss moves past the tolerance
+            assert abs(losses[0][1] - losses[0][0]) > 0.01 * losses[0][0], losses

@@ -42,7 +42,7 @@ from .backward import bn_backward
 from .forward import STATS_CENTRED, STATS_SUM, STATS_WELFORD, acc_dtype, bn_forward_eval, \
     launch_stats
 from .modules import KERNELS_FOR, _BatchNormKernels, convert_tree
-from .ops import _act, check_batch_norm_args
+from .ops import _act, check_batch_norm_args, uses_triton
 
 
 def _group(name):
@@ -253,6 +253,11 @@ class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
         group = self._group()
         if group is None:
             return super().forward(input, residual)
+        if not uses_triton(input):
+            raise RuntimeError(
+                "kernels.SyncBatchNorm on CPU tensors runs the Triton kernels through Triton's "
+                "interpreter: set TRITON_INTERPRET=1 before triton is imported (the "
+                "synchronised op has no PyTorch fallback)")
         self._check_input_dim(input)
         if not torch.compiler.is_compiling():
             self._check_group_agrees(input, group)

@@ -73,7 +73,7 @@ def test_cpu_fallback_without_interpreter():
         "print('fallback ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fallback ok" in out.stdout
 
@@ -142,7 +142,7 @@ def test_inspect_command(tmp_path):
     """`bnbench inspect` writes the per-variant table (a subset here: eval on the aligned shape)."""
     out = subprocess.run(
         [sys.executable, "-m", "bnbench.cli", "inspect", "--match", r"^eval \(32", "--arch", "90",
-         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "not speeds" in out.stdout
     import pandas as pd

@@ -58,14 +58,15 @@ def _worker(rank, world, port, job, out_dir):
         f.write(message)
 
 
-def train_variant_distributed(job, nproc, timeout_s=3600):
-    """Run `job` (experiment, variant, epochs, max_steps, sizes, seed, device, interpret,
-    fast_plans, threads[, batch_size, lr]) on `nproc` processes; return rank 0's rows.
-    Raises RuntimeError with a rank's traceback if one fails; leaves no process behind."""
+def run_ranks(worker, nproc, job, timeout_s, collect=None):
+    """Start ``worker(rank, nproc, port, job, out_dir)`` in `nproc` spawned processes (a free
+    port on 127.0.0.1 for the process group), wait at most `timeout_s`, kill what is left.
+    Each rank writes ``rank<r>.txt`` into out_dir: "ok" or its traceback.  Raises
+    RuntimeError with the failed ranks' tracebacks; else returns ``collect(out_dir)``."""
     ctx = torch.multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, nproc, port, job, out_dir))
+        procs = [ctx.Process(target=worker, args=(r, nproc, port, job, out_dir))
                  for r in range(nproc)]
         for p in procs:
             p.start()
@@ -77,9 +78,21 @@ def train_variant_distributed(job, nproc, timeout_s=3600):
                 if p.is_alive():
                     p.kill()
                     p.join()
+        failed = {}
         for r in range(nproc):
             path = os.path.join(out_dir, f"rank{r}.txt")
             message = open(path).read() if os.path.exists(path) else "no result (killed)"
             if message != "ok":
-                raise RuntimeError(f"bnbench train --nproc {nproc}: rank {r} failed:\n{message}")
-        return torch.load(os.path.join(out_dir, "rows.pt"))
+                failed[r] = message
+        if failed:
+            raise RuntimeError("\n".join(f"--- rank {r} of {nproc} ---\n{m}"
+                                          for r, m in failed.items()))
+        return collect(out_dir) if collect else None
+
+
+def train_variant_distributed(job, nproc, timeout_s=3600):
+    """Run `job` (experiment, variant, epochs, max_steps, sizes, seed, device, interpret,
+    fast_plans, threads[, batch_size, lr]) on `nproc` processes; return rank 0's rows.
+    Raises RuntimeError with a rank's traceback if one fails; leaves no process behind."""
+    return run_ranks(_worker, nproc, job, timeout_s,
+                     collect=lambda out_dir: torch.load(os.path.join(out_dir, "rows.pt")))

@@ -8,20 +8,14 @@ traceback comes back to the test.
 """
 
 import os
-import socket
-import tempfile
 import traceback
 
 import pytest
 import torch
 
+from bnbench import train_dist
+
 WORLD_TIMEOUT_S = 1500  # a loaded 2-core machine starts 4 interpreters slowly
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, scenario, out_dir):
@@ -46,29 +40,9 @@ def _worker(rank, world, port, scenario, out_dir):
 
 
 def run_ranks(world, scenario):
-    """Run sync_scenarios.<scenario>(rank, world) on `world` processes; fail with the first
-    rank's traceback; never leave a process behind."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, scenario, out_dir))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        try:
-            for p in procs:
-                p.join(WORLD_TIMEOUT_S)
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        results = {}
-        for r in range(world):
-            path = os.path.join(out_dir, f"rank{r}.txt")
-            results[r] = open(path).read() if os.path.exists(path) else "no result (killed)"
-    failed = {r: m for r, m in results.items() if m != "ok"}
-    assert not failed, "\n".join(f"--- rank {r} ---\n{m}" for r, m in failed.items())
+    """Run sync_scenarios.<scenario>(rank, world) on `world` processes; fail with the failed
+    ranks' tracebacks; never leave a process behind."""
+    train_dist.run_ranks(_worker, world, scenario, WORLD_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("scenario", [

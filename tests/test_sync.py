@@ -60,3 +60,35 @@ def test_two_ranks(scenario):
 def test_four_ranks_subgroups():
     """Two groups of two ranks in a world of four, each normalising over its own ranks."""
     run_ranks(4, "subgroups")
+
+
+def test_module_interface_and_conversion_in_one_process(device):
+    """torch's parameters, buffers and state_dict keys; convert_sync_batchnorm carries state
+    over (num_batches_tracked too) and keeps subclasses with behaviour; with no process group
+    the module is kernels.BatchNorm2d."""
+    import kernels
+    from torch import nn
+
+    ours, ref = kernels.SyncBatchNorm(4, stats="two_pass"), nn.SyncBatchNorm(4)
+    assert isinstance(ours, nn.SyncBatchNorm)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+
+    class OwnForward(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.SyncBatchNorm(4), kernels.BatchNorm1d(4),
+                          OwnForward(4))
+    with torch.no_grad():
+        model[0].running_mean.normal_()
+        model[0].num_batches_tracked.fill_(5)
+    weight = model[0].weight
+    out = kernels.SyncBatchNorm.convert_sync_batchnorm(model, activation="relu")
+    assert [type(m) for m in out] == [kernels.SyncBatchNorm] * 3 + [OwnForward]
+    assert out[0].weight is weight and int(out[0].num_batches_tracked) == 5
+    assert all(m.activation == "relu" for m in out[:3])
+    assert [r.name for r in out.conversion_report.kept] == ["3"]
+    x = torch.randn(3, 4, 5, 6, device=device)
+    bn, plain = kernels.SyncBatchNorm(4).to(device), kernels.BatchNorm2d(4).to(device)
+    assert torch.equal(bn(x), plain(x)), "no process group: kernels.BatchNorm2d"
+    assert torch.equal(bn.running_var, plain.running_var)

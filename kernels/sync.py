@@ -42,7 +42,7 @@ from .backward import bn_backward
 from .forward import STATS_CENTRED, STATS_SUM, STATS_WELFORD, acc_dtype, bn_forward_eval, \
     launch_stats
 from .modules import KERNELS_FOR, _BatchNormKernels, convert_tree
-from .ops import _act, check_batch_norm_args, uses_triton
+from .ops import _act, _dense, check_batch_norm_args, uses_triton
 
 
 def _group(name):
@@ -119,7 +119,7 @@ def _sync_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     shift = -(P - pivot + mu) * scale  # the shifted mean, folded into the bias
     shift = shift if bias is None else shift + bias.to(acc)
     act = None if activation == "none" else activation
-    y = bn_forward_eval(x, weight, shift, pivot, var, eps, residual, act)
+    y = bn_forward_eval(x, _dense(weight), shift, pivot, var, eps, residual, act)
     mean = P + mu
     if running_mean is not None:  # global mean and unbiased variance; nothing if N == 0
         m = (momentum if num_batches_tracked is None
@@ -161,7 +161,7 @@ def _sync_backward_op(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Option
                 torch.zeros_like(bias) if grad_mask[2] and bias is not None else None,
                 torch.empty_like(x) if grad_mask[3] and residual is not None else None)
     else:
-        outs = bn_backward(dy, x, y, weight, bias, mean, rstd, training=True,
+        outs = bn_backward(dy, x, y, _dense(weight), _dense(bias), mean, rstd, training=True,
                            activation=None if activation == "none" else activation,
                            has_residual=residual is not None, residual=residual,
                            need_dx=grad_mask[0], need_dweight=grad_mask[1],

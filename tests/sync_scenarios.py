@@ -154,6 +154,14 @@ def uneven_and_empty(rank, world):
         ours, ref = _twins(stats, None)
         _step(ours, ref, rank, [3, 2], 11, shift=1e4, check_grads=False)
         _check_state(ours, ref, f"{stats}, mean 1e4")
+        # strided weight and bias (every other element of a buffer), the functional op
+        sizes = [3, 2]
+        w, b = (torch.rand(2 * C) + 0.5)[::2], torch.randn(2 * C)[1::2]
+        x_all = _global(12, sizes, torch.float32)
+        y = kernels.sync_batch_norm(x_all[_slices(sizes)[rank]], None, None, w, b, 0.1, 1e-5,
+                                    stats=stats)
+        y_ref = F.batch_norm(f64(x_all), None, None, f64(w), f64(b), True)
+        assert_close(y, y_ref[_slices(sizes)[rank]], torch.float32, "strided weight and bias")
         # every rank empty: nothing hangs, nothing changes
         ours, _ = _twins(stats, None)
         before = copy.deepcopy(ours.state_dict())

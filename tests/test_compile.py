@@ -105,7 +105,8 @@ def test_every_variant_compiles(compiled_variants):
     # every mode of every constexpr switch was compiled
     text = " | ".join(r["constexprs"] for r in compiled_variants)
     for flag in ["STATS=0", "STATS=1", "STATS=2", "CHANNELS_LAST=True", "CHANNELS_LAST=False",
-                 "ACTIVATION=1", "ACTIVATION=2", "HAS_RESIDUAL=True", "CUMULATIVE=True", "HAS_WEIGHT=False",
+                 "ACTIVATION=1", "ACTIVATION=2", "HAS_RESIDUAL=True", "CUMULATIVE=True",
+                 "HAS_WEIGHT=False",
                  "UPDATE_RUNNING=False", "TRAINING=False", "WRITE_DX=False", "ACC=fp64",
                  "WELFORD=True", "WELFORD=False"]:
         assert flag in text, f"no compiled variant with {flag}"

@@ -289,7 +289,9 @@ def test_torch_export_round_trip(training):
     ours = kernels.convert_batchnorm(copy.deepcopy(net))
     x = torch.randn(2, 3, 9, 9)
     exported = torch.export.export(ours, (x,))
-    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    ops = {str(n.target) for gm in exported.graph_module.modules()  # nested graphs too
+           if isinstance(gm, torch.fx.GraphModule)
+           for n in gm.graph.nodes if n.op == "call_function"}
     assert any("bnbench" in op for op in ops), ops
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
@@ -410,10 +412,14 @@ def _bad_calls():
 @pytest.mark.parametrize("name", list(_bad_calls()))
 def test_bad_arguments_raise_torch_exception_type(name):
     args = _bad_calls()[name]
-    with pytest.raises(Exception) as torch_error:
-        F.batch_norm(*args)
+    try:
+        F.batch_norm(*[t.clone() if isinstance(t, torch.Tensor) else t for t in args])
+    except Exception as e:  # noqa: BLE001 - torch's type is what we compare with
+        torch_error = type(e)
+    else:  # older torch (e.g. 2.7 for eps <= 0) accepts some of these; ours follows newer torch
+        pytest.skip(f"torch {torch.__version__} accepts this call")
     state = [t.clone() for t in args[1:5] if t is not None]
-    with pytest.raises(torch_error.type) as ours:
+    with pytest.raises(torch_error) as ours:
         kernels.batch_norm(*args)
     assert len(str(ours.value)) > 20, "a message that says what is wrong"
     after = [t for t in args[1:5] if t is not None]
@@ -431,8 +437,10 @@ def test_dtype_errors_name_the_tensor():
 @pytest.mark.parametrize("cls", [kernels.BatchNorm1d, kernels.BatchNorm3d], ids=["1d", "3d"])
 def test_module_eps_and_input_dim_errors_leave_state(cls):
     x = torch.randn(5, 4, 3) if cls is kernels.BatchNorm1d else torch.randn(2, 4, 3, 3, 3)
-    with pytest.raises(ValueError, match="eps"):
-        getattr(nn, cls.__name__)(4, eps=0.0)(x)  # torch's type (torch counts the batch first)
+    try:  # torch's type (torch counts the batch first); torch 2.7 accepts eps = 0
+        getattr(nn, cls.__name__)(4, eps=0.0)(x)
+    except ValueError as e:
+        assert "eps" in str(e)
     bn = cls(4, eps=0.0)
     before = copy.deepcopy(bn.state_dict())
     with pytest.raises(ValueError, match="eps"):

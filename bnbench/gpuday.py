@@ -176,14 +176,14 @@ def checks():
     """The correctness checks: the launches of ``kernels.aot.scenarios`` through the public
     API (the same shapes, so the same compiled variants), plus SiLU."""
     general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
-    fused, fused_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
+    single_launch, single_launch_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
     all_dtypes = [("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"),
                   ("float16", "float32"), ("bfloat16", "float32"), ("float64", "float64")]
     mixed = [all_dtypes[i] for i in (0, 3, 4, 5)]
     out = []
-    for shape, dtypes in ((general, all_dtypes), (fused, mixed),
+    for shape, dtypes in ((general, all_dtypes), (single_launch, mixed),
                           (general_7x7, [all_dtypes[0], all_dtypes[4]]),
-                          (fused_7x7, [all_dtypes[0], all_dtypes[4]])):
+                          (single_launch_7x7, [all_dtypes[0], all_dtypes[4]])):
         for layout in ("nchw", "nhwc"):
             for dtype, pdtype in dtypes:
                 tag = f"{'x'.join(map(str, shape))} {layout} {dtype}/{pdtype}"
@@ -208,7 +208,7 @@ def checks():
         "eval residual+relu": dict(training=False, residual=True, activation="relu",
                                    grads=("x", "w", "b", "r")),
     }
-    for shape in (general, fused):
+    for shape in (general, single_launch):
         for layout in ("nchw", "nhwc"):
             tag = f"{'x'.join(map(str, shape))} {layout} float32"
             for name, kw in flags.items():

@@ -49,7 +49,7 @@ TARGETS = {
     ("train_bwd", "-", "single_launch"): (3, 1),
     ("eval", "-", "general"): (2, 1),
 }
-FUSED_KERNELS = {"_bn_fwd_fused_kernel", "_bn_bwd_fused_kernel"}
+SINGLE_LAUNCH_KERNELS = {"_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_kernel"}
 
 
 class Counter:
@@ -164,7 +164,7 @@ def measure(op, stats, shape, dtype, channels_last, fusion):
     read, written, per_channel = counter.split(big)
     numel = t["x"].numel()
     elem = t["x"].element_size()
-    path = "single_launch" if any(k in FUSED_KERNELS for k, _ in counter.launches) else "general"
+    path = "single_launch" if any(k in SINGLE_LAUNCH_KERNELS for k, _ in counter.launches) else "general"
     base = fusion is None and dtype_name(dtype) == "float32"
     target = TARGETS.get((op, stats if op == "train_fwd" else "-", path)) if base else None
     return dict(
@@ -233,9 +233,9 @@ def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
                     with record_launches(name) as launches:
                         call()
                     programs = [math.prod(launch.grid) for launch in launches]
-                    fused = any(launch.fn.__name__ in FUSED_KERNELS for launch in launches)
+                    single = any(launch.fn.__name__ in SINGLE_LAUNCH_KERNELS for launch in launches)
                     rows.append(dict(op=name, layout=layout, N=N, C=C, H=H, W=W,
-                                     path="single_launch" if fused else "general",
+                                     path="single_launch" if single else "general",
                                      launches=len(launches), min_programs=min(programs),
                                      programs="+".join(map(str, programs))))
     return rows

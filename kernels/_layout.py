@@ -53,7 +53,7 @@ program of the next launch.
 
 Single-launch path (training)
 -----------------------------
-When a channel group's whole plane fits in one tile of at most FUSED_MAX_ELEMS
+When a channel group's whole plane fits in one tile of at most SINGLE_LAUNCH_MAX_ELEMS
 (4096; 2048 for fp64) elements, forward and backward each take one launch that
 reads x (and dy) once and keeps it in registers: 8 B/elem forward and 12 B/elem
 backward in fp32, against 12 and 20 on the general path.  NCHW fits when
@@ -77,7 +77,7 @@ TILE_ELEMS = 4096  # elements per tile: 16 fp32 values per thread at 8 warps
 MIN_TILE_ELEMS = 1024  # tiles shrink down to this for small shapes, to make more programs
 MERGE_RATIO = 32  # split <= sqrt(M / MERGE_RATIO)
 MAX_BLOCK_SPLIT = 64
-FUSED_MAX_ELEMS = 4096  # single-launch path: a channel group's whole plane in one tile
+SINGLE_LAUNCH_MAX_ELEMS = 4096  # single-launch path: a channel group's whole plane in one tile
 ELEMS_PER_THREAD = 8  # per thread and tile, at least: 16-byte vectors even for 16-bit types
 FILL_WAVES = 2  # programs per SM below which a launch leaves an H100 partly idle
 FAST_TILE_ELEMS = 1 << 17  # fast interpreter plans: tiles of up to 131072 elements
@@ -117,7 +117,7 @@ class Plan:
     BLOCK_COL: int
     BLOCK_SPLIT: int
     num_warps: int
-    fused: bool = False  # single-launch path: one program holds its channels' whole plane
+    single_launch: bool = False  # single-launch path: one program holds its channels' whole plane
 
     @property
     def programs(self):
@@ -249,10 +249,10 @@ def plan(x, channels_last, *, merge=True, single_launch=True):
     general = _general_plan(x, channels_last, merge)
     if not merge or not single_launch:
         return general
-    fused = _fused_plan(x, channels_last)
+    single = _single_launch_plan(x, channels_last)
     fill = FILL_WAVES * num_sms(x.device)
-    if fused is not None and (fused.programs >= fill or general.programs < fill):
-        return fused
+    if single is not None and (single.programs >= fill or general.programs < fill):
+        return single
     return general
 
 
@@ -263,11 +263,11 @@ def _num_warps(tile_elems, most):
     return max(1, min(most, tile_elems // (32 * ELEMS_PER_THREAD)))
 
 
-def _fused_plan(x, channels_last):
+def _single_launch_plan(x, channels_last):
     """The single-launch plan, or None when a channel group's plane does not fit one tile."""
     N, C = x.shape[0], x.shape[1]
     HW = math.prod(x.shape[2:])
-    max_elems = FUSED_MAX_ELEMS // 2 if x.dtype == torch.float64 else FUSED_MAX_ELEMS
+    max_elems = SINGLE_LAUNCH_MAX_ELEMS // 2 if x.dtype == torch.float64 else SINGLE_LAUNCH_MAX_ELEMS
     fill = FILL_WAVES * num_sms(x.device)
     if channels_last:
         rows = triton.next_power_of_2(max(N * HW, 1))
@@ -290,7 +290,7 @@ def _fused_plan(x, channels_last):
         channels_last=channels_last, N=N, C=C, HW=HW, n_rows=n_rows, n_cols=n_cols,
         n_col_blocks=1, groups=groups, tiles=1, split=1, tiles_per_prog=1,
         BLOCK_ROW=block_row, BLOCK_COL=block_col, BLOCK_SPLIT=1,
-        num_warps=_num_warps(block_row * block_col, 16), fused=True,
+        num_warps=_num_warps(block_row * block_col, 16), single_launch=True,
     )
 
 

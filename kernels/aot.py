@@ -165,15 +165,15 @@ def scenarios():
 
     # general path (aligned: 16-byte vectors possible; unaligned 7x7) and single-launch path
     general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
-    fused, fused_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
+    single_launch, single_launch_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
     all_dtypes = [(torch.float32, torch.float32), (torch.float16, torch.float16),
                   (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                   (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
     mixed_dtypes = [all_dtypes[0], all_dtypes[3], all_dtypes[4], all_dtypes[5]]
     out = []
-    for shape, dtypes in ((general, all_dtypes), (fused, mixed_dtypes),
+    for shape, dtypes in ((general, all_dtypes), (single_launch, mixed_dtypes),
                           (general_7x7, all_dtypes[:1] + all_dtypes[4:5]),
-                          (fused_7x7, all_dtypes[:1] + all_dtypes[4:5])):
+                          (single_launch_7x7, all_dtypes[:1] + all_dtypes[4:5])):
         for cl in (False, True):
             for dtype, pdtype in dtypes:
                 tag = f"{tuple(shape)} {'nhwc' if cl else 'nchw'} {dtype}/{pdtype}"
@@ -198,7 +198,7 @@ def scenarios():
         "eval silu": dict(training=False, relu="silu"),
         "eval dx only": dict(training=False, need=(True, False, False, False)),
     }
-    for shape in (general, fused):
+    for shape in (general, single_launch):
         for cl in (False, True):
             tag = f"{shape} {'nhwc' if cl else 'nchw'} fp32"
             for name, kw in train_flags.items():

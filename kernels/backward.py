@@ -207,7 +207,7 @@ def _dx(g, x_hat, scale, mean_g, mean_gx, TRAINING: tl.constexpr):
 
 
 @triton.jit
-def _bn_bwd_fused_kernel(
+def _bn_bwd_single_launch_kernel(
     x_ptr, dy_ptr, y_ptr, res_ptr, dx_ptr, dres_ptr,  # as in _bn_bwd_dx_kernel
     w_ptr, b_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr,  # as in _bn_bwd_dx_kernel
     C, n_rows, n_cols, count,  # the whole plane of a channel group is one tile
@@ -324,8 +324,8 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None
     write_dx, write_dres = dx is not None, dres is not None
     out_strides = (*(strides(dx, channels_last) if write_dx else (0, 0)),
                    *(strides(dres, channels_last) if write_dres else (0, 0)))
-    if p.fused:  # the single-launch path: x and dy read once
-        kernel, opts = launcher(_bn_bwd_fused_kernel, p.num_warps)
+    if p.single_launch:  # the single-launch path: x and dy read once
+        kernel, opts = launcher(_bn_bwd_single_launch_kernel, p.num_warps)
         kernel[p.grid](
             x, dy, y, r, dx, dres, weight, bias, mean, rstd, dw, db,
             C, p.n_rows, p.n_cols, float(p.count),

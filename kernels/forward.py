@@ -219,7 +219,7 @@ def _bn_fwd_apply_kernel(
 
 
 @triton.jit
-def _bn_fwd_fused_kernel(
+def _bn_fwd_single_launch_kernel(
     x_ptr, y_ptr, res_ptr, w_ptr, b_ptr,  # as in _bn_fwd_apply_kernel
     run_mean_ptr, run_var_ptr, nbt_ptr, save_mean_ptr, save_rstd_ptr,  # as in _bn_fwd_apply_kernel
     C, n_rows, n_cols,  # plane geometry: the whole plane is one [BLOCK_ROW, BLOCK_COL] tile
@@ -401,8 +401,8 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     residual = to_layout(residual, channels_last) if residual is not None else None
     p = plan(x, channels_last)
     res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
-    if p.fused:  # the single-launch path: x read once
-        kernel, opts = launcher(_bn_fwd_fused_kernel, p.num_warps,
+    if p.single_launch:  # the single-launch path: x read once
+        kernel, opts = launcher(_bn_fwd_single_launch_kernel, p.num_warps,
                                 RUNNING_STATS if running_mean is not None else ())
         kernel[p.grid](
             x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,

@@ -52,14 +52,14 @@ def path(request, monkeypatch):
     import kernels.forward
 
     if request.param == "general":
-        monkeypatch.setattr(kernels._layout, "FUSED_MAX_ELEMS", 0)
-    fused = [_CountingKernel(kernels.forward._bn_fwd_fused_kernel),
-             _CountingKernel(kernels.backward._bn_bwd_fused_kernel)]
-    monkeypatch.setattr(kernels.forward, "_bn_fwd_fused_kernel", fused[0])
-    monkeypatch.setattr(kernels.backward, "_bn_bwd_fused_kernel", fused[1])
+        monkeypatch.setattr(kernels._layout, "SINGLE_LAUNCH_MAX_ELEMS", 0)
+    single = [_CountingKernel(kernels.forward._bn_fwd_single_launch_kernel),
+             _CountingKernel(kernels.backward._bn_bwd_single_launch_kernel)]
+    monkeypatch.setattr(kernels.forward, "_bn_fwd_single_launch_kernel", single[0])
+    monkeypatch.setattr(kernels.backward, "_bn_bwd_single_launch_kernel", single[1])
     yield request.param
-    launches = fused[0].launches + fused[1].launches
+    launches = single[0].launches + single[1].launches
     if request.param == "general":
         assert launches == 0, "the single-launch kernels ran on the general path"
     else:
-        assert fused[0].launches > 0, "the single-launch forward did not run"
+        assert single[0].launches > 0, "the single-launch forward did not run"

@@ -297,9 +297,9 @@ def test_fast_interpreter_plans(shape, layout, dtypes, stats, device, monkeypatc
     if torch.device(device).type == "cuda":
         assert fast_plan == gpu_plan, "CUDA launches must keep the GPU plan"
     else:
-        assert fast_plan.programs < gpu_plan.programs or fast_plan.fused
+        assert fast_plan.programs < gpu_plan.programs or fast_plan.single_launch
         assert fast_plan.split <= layout_mod.TARGET_WAVES
-        if not fast_plan.fused:
+        if not fast_plan.single_launch:
             assert fast_plan.tiles_per_prog > 1
     w, b, rm, rv = make_params(shape[1], pdtype, device)
     for _ in range(2):

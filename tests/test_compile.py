@@ -100,7 +100,7 @@ def test_every_variant_compiles(compiled_variants):
     assert not failed, "\n".join(failed)
     kernels_seen = {(r["kernel"], r["arch"]) for r in compiled_variants}
     expected = {"_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel",
-                "_bn_bwd_dx_kernel", "_bn_fwd_fused_kernel", "_bn_bwd_fused_kernel"}
+                "_bn_bwd_dx_kernel", "_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_kernel"}
     assert kernels_seen == {(k, a) for k in expected for a in (80, 90)}
     # every mode of every constexpr switch was compiled
     text = " | ".join(r["constexprs"] for r in compiled_variants)
@@ -132,7 +132,7 @@ def test_16_byte_accesses_on_aligned_inputs(compiled_variants):
         if "WRITE_DX=False, WRITE_DRES=False" in r["constexprs"]:
             continue  # dweight/dbias only: no pass over the tensors
         writes_tensor = r["kernel"] in ("_bn_fwd_apply_kernel", "_bn_bwd_dx_kernel",
-                                        "_bn_fwd_fused_kernel", "_bn_bwd_fused_kernel")
+                                        "_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_kernel")
         if r["max_load_bytes"] < 16 or (writes_tensor and r["max_store_bytes"] < 16):
             narrow.append(f"{r['arch']} {r['scenario']} {r['kernel']}: load "
                           f"{r['max_load_bytes']} B, store {r['max_store_bytes']} B")

@@ -161,12 +161,12 @@ def test_kernel_with_runtime_loop_bounds_runs(device):
     import kernels._layout
 
     x = torch.randn(3, 5, 17, 13, device=device)
-    old = kernels._layout.FUSED_MAX_ELEMS
-    kernels._layout.FUSED_MAX_ELEMS = 0
+    old = kernels._layout.SINGLE_LAUNCH_MAX_ELEMS
+    kernels._layout.SINGLE_LAUNCH_MAX_ELEMS = 0
     try:
         y = kernels.batch_norm(x, None, None, training=True)
     finally:
-        kernels._layout.FUSED_MAX_ELEMS = old
+        kernels._layout.SINGLE_LAUNCH_MAX_ELEMS = old
     ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
     assert (y.double() - ref).abs().max() < 1e-5
 

@@ -164,7 +164,8 @@ def measure(op, stats, shape, dtype, channels_last, fusion):
     read, written, per_channel = counter.split(big)
     numel = t["x"].numel()
     elem = t["x"].element_size()
-    path = "single_launch" if any(k in SINGLE_LAUNCH_KERNELS for k, _ in counter.launches) else "general"
+    single = any(k in SINGLE_LAUNCH_KERNELS for k, _ in counter.launches)
+    path = "single_launch" if single else "general"
     base = fusion is None and dtype_name(dtype) == "float32"
     target = TARGETS.get((op, stats if op == "train_fwd" else "-", path)) if base else None
     return dict(

@@ -267,7 +267,9 @@ def _single_launch_plan(x, channels_last):
     """The single-launch plan, or None when a channel group's plane does not fit one tile."""
     N, C = x.shape[0], x.shape[1]
     HW = math.prod(x.shape[2:])
-    max_elems = SINGLE_LAUNCH_MAX_ELEMS // 2 if x.dtype == torch.float64 else SINGLE_LAUNCH_MAX_ELEMS
+    max_elems = SINGLE_LAUNCH_MAX_ELEMS
+    if x.dtype == torch.float64:
+        max_elems //= 2
     fill = FILL_WAVES * num_sms(x.device)
     if channels_last:
         rows = triton.next_power_of_2(max(N * HW, 1))

@@ -54,13 +54,15 @@ from ._common import (
 from ._layout import choose_layout, empty_output, plan, strides, to_layout
 from ._tuning import launcher
 
-# Values of the STATS constexpr.
-STATS_SUM = 0  # stats kernel: per-split sum of x (two-pass, first read)
-STATS_CENTRED = 1  # stats kernel: per-split sum of (x - mean)^2 (two-pass, second read)
-STATS_WELFORD = 2  # stats kernel: per-split (count, mean, M2) (single-pass)
-FROM_RUNNING = 0  # apply kernel: mean and var from the running statistics (eval)
-FROM_TWO_PASS = 1  # apply kernel: merge two-pass partials
-FROM_WELFORD = 2  # apply kernel: merge single-pass partials
+# Values of the stats kernel's STATS constexpr: the partials one read of x makes.  Kernel
+# bodies compare with these names; host code passes their .value.
+STATS_SUM = tl.constexpr(0)  # per-split sum of x (two-pass, first read)
+STATS_CENTRED = tl.constexpr(1)  # per-split sum of (x - mean)^2 (two-pass, second read)
+STATS_WELFORD = tl.constexpr(2)  # per-split (count, mean, M2) (single-pass)
+# Values of the apply kernel's SOURCE constexpr: where its mean and var come from.
+FROM_RUNNING = tl.constexpr(0)  # the running statistics (eval)
+FROM_TWO_PASS = tl.constexpr(1)  # merged two-pass partials
+FROM_WELFORD = tl.constexpr(2)  # merged single-pass partials
 
 STATS_MODES = ("two_pass", "single_pass")
 # updated in place, so restored between autotune trials
@@ -102,7 +104,7 @@ def _bn_fwd_stats_kernel(
     # statistics of x - pivot: exact for data with a large mean (see _pivot)
     pivot = _bcast(_pivot(x_ptr, pid_c, ch, C, stride_x_chan, ACC, CHANNELS_LAST), CHANNELS_LAST)
 
-    if STATS == 2:
+    if STATS == STATS_WELFORD:
         # single pass: exact (count, mean, M2) of each tile, Chan-merged into the program's
         mean = _per_channel_zero(ch, ACC, CHANNELS_LAST)
         m2 = _per_channel_zero(ch, ACC, CHANNELS_LAST)
@@ -122,7 +124,7 @@ def _bn_fwd_stats_kernel(
         tl.store(part_a_ptr + out, mean, mask=ch < C)
         tl.store(part_b_ptr + out, m2, mask=ch < C)
     else:
-        if STATS == 1:
+        if STATS == STATS_CENTRED:
             # two pass, second read: centre on the mean merged from the first read's sums
             mean = _bcast(_merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT)
                           / count, CHANNELS_LAST)
@@ -132,12 +134,12 @@ def _bn_fwd_stats_kernel(
                                      CHANNELS_LAST, BLOCK_ROW, BLOCK_COL)
             x = tl.load(x_ptr + _offsets(rows, cols, pid_c, stride_x_row, stride_x_chan),
                         mask=mask, other=0.0).to(ACC)
-            if STATS == 0:
+            if STATS == STATS_SUM:
                 acc += tl.where(mask, x - pivot, 0.0)
             else:
                 d = tl.where(mask, x - pivot - mean, 0.0)
                 acc += d * d
-        if STATS == 0:
+        if STATS == STATS_SUM:
             tl.store(part_a_ptr + out, _per_channel(acc, CHANNELS_LAST), mask=ch < C)
         else:
             tl.store(part_b_ptr + out, _per_channel(acc, CHANNELS_LAST), mask=ch < C)
@@ -157,7 +159,7 @@ def _bn_fwd_apply_kernel(
     tiles, tiles_per_prog, split,  # tiles per channel group, per program; programs per group
     count, momentum, eps,  # M = N*HW; running-stats momentum; epsilon
     stride_x_row, stride_x_chan, stride_y_row, stride_y_chan, stride_r_row, stride_r_chan,
-    STATS: tl.constexpr,  # FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD
+    SOURCE: tl.constexpr,  # FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD
     UPDATE_RUNNING: tl.constexpr,
     CUMULATIVE: tl.constexpr,  # momentum = 1 / num_batches_tracked (momentum=None)
     HAS_WEIGHT: tl.constexpr,
@@ -176,13 +178,13 @@ def _bn_fwd_apply_kernel(
 
     # per-channel mean (as pivot + shifted mean) and variance: running stats, or the
     # merged batch partials (which the stats kernel took around the same pivot)
-    if STATS == 0:
+    if SOURCE == FROM_RUNNING:
         pivot = _load_channel(run_mean_ptr, ch, C, 0.0, ACC, True)
         mean_s = tl.zeros_like(pivot)
         var = _load_channel(run_var_ptr, ch, C, 1.0, ACC, True)
     else:
         pivot = _pivot(x_ptr, pid_c, ch, C, stride_x_chan, ACC, CHANNELS_LAST)
-        if STATS == 1:
+        if SOURCE == FROM_TWO_PASS:
             mean_s = _merge_sums(part_a_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
             var = _merge_sums(part_b_ptr, ch, C, split, CHANNELS_LAST, BLOCK_SPLIT) / count
         else:
@@ -192,7 +194,7 @@ def _bn_fwd_apply_kernel(
     rstd = _inv_std(var, eps)
 
     # one program per channel group records the batch statistics
-    if STATS != 0:
+    if SOURCE != FROM_RUNNING:
         if pid_s == 0:
             _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
                           pivot + mean_s, var, rstd, count, momentum, UPDATE_RUNNING, CUMULATIVE,
@@ -328,9 +330,10 @@ def _normalize(x_centred, scale, b, res_ptr, offs_r, mask, HAS_RESIDUAL: tl.cons
 
 
 def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var, saved,
-                  p, momentum, eps, stats, update_running, activation, channels_last,
+                  p, momentum, eps, source, update_running, activation, channels_last,
                   num_batches_tracked=None):
-    """Launch the normalising kernel over plan `p` (x, y, residual already fit the layout)."""
+    """Launch the normalising kernel over plan `p` (x, y, residual already fit the layout);
+    `source` is the SOURCE constexpr's value (FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD)."""
     count_buf, part_a, part_b = parts
     save_mean, save_rstd = saved
     res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
@@ -342,7 +345,7 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
         p.C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
         float(p.count), float(momentum), float(eps),
         *strides(x, channels_last), *strides(y, channels_last), *res_strides,
-        STATS=stats, UPDATE_RUNNING=update_running, CUMULATIVE=num_batches_tracked is not None,
+        SOURCE=source, UPDATE_RUNNING=update_running, CUMULATIVE=num_batches_tracked is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=activation_code(activation),
         ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
@@ -353,7 +356,8 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
 def launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b, count=None):
     """One launch of the statistics kernel on plan `p` (a general plan): per-program partials
     of x - pivot into the [split, C] buffers (see _bn_fwd_stats_kernel).  `count` divides the
-    merged sums of part_a in the STATS_CENTRED pass (default: the plan's M)."""
+    merged sums of part_a in the STATS_CENTRED pass (default: the plan's M); `pass_` is the
+    STATS constexpr's value."""
     kernel, opts = launcher(_bn_fwd_stats_kernel, p.num_warps)
     kernel[p.grid](
         x, count_buf, part_a, part_b,
@@ -420,13 +424,13 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     part_b = torch.empty(part_shape, dtype=acc, device=x.device)
     welford = stats == "single_pass"
     count_buf = torch.empty(part_shape, dtype=acc, device=x.device) if welford else None
-    stats_passes = (STATS_WELFORD,) if welford else (STATS_SUM, STATS_CENTRED)
+    stats_passes = (STATS_WELFORD.value,) if welford else (STATS_SUM.value, STATS_CENTRED.value)
     for pass_ in stats_passes:
         launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b)
     _launch_apply(
         x, y, residual, weight, bias, (count_buf, part_a, part_b),
         running_mean, running_var, (save_mean, save_rstd), p, momentum, eps,
-        FROM_WELFORD if stats == "single_pass" else FROM_TWO_PASS,
+        (FROM_WELFORD if stats == "single_pass" else FROM_TWO_PASS).value,
         running_mean is not None, activation, channels_last, num_batches_tracked,
     )
     return y, save_mean, save_rstd
@@ -448,7 +452,7 @@ def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=No
     p = plan(x, channels_last, merge=False)
     _launch_apply(
         x, y, residual, weight, bias, (None, None, None),
-        running_mean, running_var, (None, None), p, 0.0, eps, FROM_RUNNING, False, activation,
-        channels_last,
+        running_mean, running_var, (None, None), p, 0.0, eps, FROM_RUNNING.value, False,
+        activation, channels_last,
     )
     return y

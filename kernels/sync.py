@@ -57,15 +57,16 @@ def _all_gather(t, group):
 
 
 def _local_partials(x, channels_last, pass_, acc, centre=None):
-    """The statistics kernel's [split, C] partials of x - pivot for this rank."""
+    """The statistics kernel's [split, C] partials of x - pivot for this rank (`pass_`:
+    STATS_SUM, STATS_CENTRED or STATS_WELFORD)."""
     p = plan(x, channels_last, single_launch=False)
     shape = (p.split, x.shape[1])
-    count_buf = torch.empty(shape, dtype=acc, device=x.device) if pass_ == STATS_WELFORD else None
+    count_buf = torch.empty(shape, dtype=acc, device=x.device) if pass_ is STATS_WELFORD else None
     part_a = torch.zeros(shape, dtype=acc, device=x.device)
     part_b = torch.empty(shape, dtype=acc, device=x.device)
     if centre is not None:  # the centred pass merges part_a / count: the mean, in row 0
         part_a[0] = centre
-    launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b, count=1.0)
+    launch_stats(x, channels_last, p, pass_.value, count_buf, part_a, part_b, count=1.0)
     return count_buf, part_a, part_b
 
 

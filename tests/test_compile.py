@@ -100,15 +100,22 @@ def test_every_variant_compiles(compiled_variants):
     assert not failed, "\n".join(failed)
     kernels_seen = {(r["kernel"], r["arch"]) for r in compiled_variants}
     expected = {"_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel",
-                "_bn_bwd_dx_kernel", "_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_kernel"}
+                "_bn_bwd_dx_kernel", "_bn_fwd_single_launch_kernel",
+                "_bn_bwd_single_launch_kernel"}
     assert kernels_seen == {(k, a) for k in expected for a in (80, 90)}
-    # every mode of every constexpr switch was compiled
+    # every mode of every constexpr switch was compiled (the switches' values by name)
+    from kernels._common import ACT_RELU, ACT_SILU
+    from kernels.forward import (FROM_RUNNING, FROM_TWO_PASS, FROM_WELFORD, STATS_CENTRED,
+                                 STATS_SUM, STATS_WELFORD)
+
+    named = [f"STATS={v.value}" for v in (STATS_SUM, STATS_CENTRED, STATS_WELFORD)]
+    named += [f"SOURCE={v.value}" for v in (FROM_RUNNING, FROM_TWO_PASS, FROM_WELFORD)]
+    named += [f"ACTIVATION={v.value}" for v in (ACT_RELU, ACT_SILU)]
     text = " | ".join(r["constexprs"] for r in compiled_variants)
-    for flag in ["STATS=0", "STATS=1", "STATS=2", "CHANNELS_LAST=True", "CHANNELS_LAST=False",
-                 "ACTIVATION=1", "ACTIVATION=2", "HAS_RESIDUAL=True", "CUMULATIVE=True",
-                 "HAS_WEIGHT=False",
-                 "UPDATE_RUNNING=False", "TRAINING=False", "WRITE_DX=False", "ACC=fp64",
-                 "WELFORD=True", "WELFORD=False"]:
+    for flag in named + ["CHANNELS_LAST=True", "CHANNELS_LAST=False", "HAS_RESIDUAL=True",
+                         "CUMULATIVE=True", "HAS_WEIGHT=False", "UPDATE_RUNNING=False",
+                         "TRAINING=False", "WRITE_DX=False", "ACC=fp64", "WELFORD=True",
+                         "WELFORD=False"]:
         assert flag in text, f"no compiled variant with {flag}"
 
 
@@ -132,7 +139,8 @@ def test_16_byte_accesses_on_aligned_inputs(compiled_variants):
         if "WRITE_DX=False, WRITE_DRES=False" in r["constexprs"]:
             continue  # dweight/dbias only: no pass over the tensors
         writes_tensor = r["kernel"] in ("_bn_fwd_apply_kernel", "_bn_bwd_dx_kernel",
-                                        "_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_kernel")
+                                        "_bn_fwd_single_launch_kernel",
+                                        "_bn_bwd_single_launch_kernel")
         if r["max_load_bytes"] < 16 or (writes_tensor and r["max_store_bytes"] < 16):
             narrow.append(f"{r['arch']} {r['scenario']} {r['kernel']}: load "
                           f"{r['max_load_bytes']} B, store {r['max_store_bytes']} B")

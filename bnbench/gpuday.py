@@ -50,7 +50,6 @@ The cost model (seconds, for an H100/H200-class GPU on a 16-core host):
     safety             kept free at the end
 """
 
-import argparse
 import json
 import math
 import os
@@ -958,17 +957,9 @@ def _planned_cases(budget):
     return plan(budget, 0).cases
 
 
-def _positive(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def add_parser(subparsers):
+    from .run import _positive  # run's parser helper (run.py imports no torch at the top)
+
     p = subparsers.add_parser(
         "gpu-day", help="a budgeted first run on a GPU: environment, compiled-kernel "
                         "correctness, the prioritised sweep (--dry-run: the plan)",

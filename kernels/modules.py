@@ -125,6 +125,9 @@ def _torch_base(module):
     return next((base for base in KERNELS_FOR if isinstance(module, base)), None)
 
 
+_BATCHNORM_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
 def _why_not_exact(module):
     """None when `module` can be converted exactly, else the reason it cannot."""
     kind = type(module)
@@ -137,12 +140,8 @@ def _why_not_exact(module):
     if own:
         return (f"a subclass of torch.nn.{base.__name__} with its own behaviour "
                 f"({', '.join(sorted(own))}): converting it would drop that")
-    fresh = base(module.num_features, module.eps, module.momentum, module.affine,
-                 module.track_running_stats, device="meta")
-    extra = (set(dict(module.named_parameters(recurse=False)))
-             | set(dict(module.named_buffers(recurse=False)))) \
-        - (set(dict(fresh.named_parameters(recurse=False)))
-           | set(dict(fresh.named_buffers(recurse=False))))
+    extra = {name for name, _ in [*module.named_parameters(recurse=False),
+                                  *module.named_buffers(recurse=False)]} - _BATCHNORM_STATE
     if extra or list(module.children()):
         what = sorted(f"{n!r}" for n in extra) + (["submodules"] if list(module.children()) else [])
         return (f"a subclass of torch.nn.{base.__name__} with state of its own "

@@ -78,7 +78,7 @@ def _write_back(dst, src):
 # torch.library ops
 
 def _act(activation):
-    """The op's activation string ("none" for None), and back."""
+    """The custom ops' activation string: "none" for None."""
     return "none" if activation is None else activation
 
 

@@ -352,6 +352,14 @@ def test_convert_leaves_subclasses_with_behaviour_and_reports_them(device):
     kept = {r.name: r.reason for r in report.kept}
     assert set(kept) == {"0"} and "forward" in kept["0"], str(report)
     assert {r.name for r in report.converted} == {"1", "2", "3"}
+    class _ExtraStateBN(nn.BatchNorm2d):  # only __init__, but a buffer of its own
+        def __init__(self, c):
+            super().__init__(c)
+            self.register_buffer("scale", torch.ones(c))
+
+    extra = kernels.convert_batchnorm(nn.Sequential(_ExtraStateBN(3)))
+    assert type(extra[0]) is _ExtraStateBN
+    assert "'scale'" in extra.conversion_report.kept[0].reason
     lazy = kernels.convert_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
     assert type(lazy[0]) is nn.LazyBatchNorm2d and len(lazy.conversion_report.kept) == 1
     x = torch.randn(2, 3, 4, 4, device=device)

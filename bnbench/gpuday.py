@@ -8,11 +8,11 @@ into DIR as it is made, so a run cut short keeps all it did. Stages, in order:
 1. ``environment.json``: device, driver (``nvidia-smi``), versions, SM count, memory,
    measured copy bandwidth, which interpreter/AOT patches apply.
 2. ``compile.csv``: every kernel variant the correctness checks and the sweep launch,
-   compiled ahead of time in parallel worker processes (``kernels.aot``) into Triton's
+   compiled ahead of time in parallel worker processes (``bnbench.aot``) into Triton's
    on-disk cache, with registers, spills and vector widths on this GPU's architecture;
    the later launches then load the compiled kernels instead of compiling one by one.
 3. ``correctness.csv``: every kernel variant at least once (the constexpr modes of
-   ``kernels.aot.scenarios``: paths, layouts, dtype patterns, statistics modes, flags,
+   ``bnbench.aot.scenarios``: paths, layouts, dtype patterns, statistics modes, flags,
    fusions, autotuning), compiled, against a float64 reference; one row per check,
    written as it is done; ``coverage`` lines at the end say which variants ran.
 4. ``gpu_day.csv`` (+ ``_throughput.png``, ``_speedup.png``, ``_error.png``): the
@@ -172,7 +172,7 @@ class Check:
 
 
 def checks():
-    """The correctness checks: the launches of ``kernels.aot.scenarios`` through the public
+    """The correctness checks: the launches of ``bnbench.aot.scenarios`` through the public
     API (the same shapes, so the same compiled variants), plus SiLU."""
     general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
     single_launch, single_launch_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
@@ -367,7 +367,7 @@ def sweep_launches(cases):
     """The launches the sweep's Triton rows make (recorded on meta tensors, not run)."""
     import torch
 
-    from kernels.aot import record_launches
+    from bnbench.aot import record_launches
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 
@@ -410,7 +410,7 @@ def sweep_launches(cases):
 
 def all_launches(cases):
     """Distinct launches (full variant_key) of the correctness scenarios and the sweep."""
-    from kernels.aot import record_launches, scenarios
+    from bnbench.aot import record_launches, scenarios
 
     launches = []
     for name, thunk in scenarios():
@@ -425,8 +425,8 @@ def all_launches(cases):
 
 
 def expected_variants():
-    """The mode-switch variants (variant_key(full=False)) of ``kernels.aot.scenarios``."""
-    from kernels.aot import record_launches, scenarios
+    """The mode-switch variants (variant_key(full=False)) of ``bnbench.aot.scenarios``."""
+    from bnbench.aot import record_launches, scenarios
 
     keys = set()
     for name, thunk in scenarios():
@@ -522,7 +522,7 @@ def _compile_worker(index, workers, arch, tiers_included, limit=None):
     """One compile worker: the same launch list as every worker, every `workers`-th one
     (`limit`: at most that many, for tests)."""
     os.environ.pop("TRITON_INTERPRET", None)
-    from kernels.aot import compile_launch
+    from bnbench.aot import compile_launch
 
     cases = [c for t in TIERS if t.name in tiers_included for c in t.cases()]
     launches = all_launches(cases)
@@ -703,7 +703,7 @@ def run_checks(out, clock, the_checks, reserve, check_s, device="cuda"):
     original = JITFunction.run
 
     def run(self, *args, **kwargs):
-        from kernels.aot import Launch
+        from bnbench.aot import Launch
 
         launched.add(variant_key(Launch("", self, args, {k: v for k, v in kwargs.items()
                                                         if k not in ("grid", "warmup")}, ()),
@@ -894,7 +894,7 @@ def gpu_day(args):
         return result
 
     try:
-        import kernels.aot  # noqa: F401 (before the plan: its import is part of startup)
+        import bnbench.aot  # noqa: F401 (before the plan: its import is part of startup)
 
         cases = _planned_cases(args.budget)
         p = plan(args.budget, len(all_launches(cases)), workers=min(args.workers,

@@ -1,6 +1,6 @@
 """``bnbench inspect``: the compiled code of every kernel variant, for real GPUs, without a GPU.
 
-Each launch the ops can make (``kernels.aot.scenarios``) is specialised as a real launch
+Each launch the ops can make (``bnbench.aot.scenarios``) is specialised as a real launch
 would be and compiled with ``triton.compile`` for sm_80 and sm_90 (``ptxas`` ships with
 Triton).  Reported per variant: registers per thread, spill bytes, stack frame, shared
 memory, the widest global load and store in the PTX (16 bytes = ``ld.global.v4.b32``),
@@ -23,18 +23,19 @@ COLUMNS = ["kernel", "arch", "scenario", "registers", "spill_stores", "spill_loa
 
 
 def compile_variants(archs=(80, 90), match=None):
-    """Run ``python -m kernels.aot`` (interpreter off) and return its results as a DataFrame."""
+    """Run ``python -m bnbench.aot`` (interpreter off) and return its results as a DataFrame.
+
+    The subprocess imports the installed packages (no dependence on the working directory)."""
     import pandas as pd
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "kernels.aot"]
+    cmd = [sys.executable, "-m", "bnbench.aot"]
     cmd += [a for arch in archs for a in ("--arch", str(arch))]
     if match:
         cmd += ["--match", match]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"kernels.aot failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"bnbench.aot failed: {out.stderr.strip().splitlines()[-1:]}")
     return pd.DataFrame(json.loads(out.stdout))[COLUMNS]
 
 

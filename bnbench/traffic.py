@@ -209,7 +209,7 @@ def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
     import torch
 
     from bnbench.shapes import resnet50_bn_shapes
-    from kernels.aot import record_launches
+    from bnbench.aot import record_launches
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 

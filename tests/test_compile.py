@@ -82,7 +82,7 @@ def test_cpu_fallback_without_interpreter():
 def compiled_variants():
     """Every launch the ops can make, compiled for sm_80 and sm_90 (one process per arch)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-m", "kernels.aot", "--arch", str(arch)],
+    procs = [subprocess.Popen([sys.executable, "-m", "bnbench.aot", "--arch", str(arch)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for arch in (80, 90)]

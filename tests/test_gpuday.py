@@ -103,9 +103,9 @@ def test_without_gpu_and_without_dry_run_exits_2(tmp_path):
 
 
 def test_checks_cover_every_kernel_variant():
-    """Every mode-switch variant of kernels.aot.scenarios is launched by some check
+    """Every mode-switch variant of bnbench.aot.scenarios is launched by some check
     (launches recorded, not run)."""
-    from kernels.aot import record_launches
+    from bnbench.aot import record_launches
 
     expected = gpuday.expected_variants()
     launched = set()

@@ -17,7 +17,8 @@ import torch
 import triton
 
 import kernels
-from kernels import _interpreter, _versions, aot
+from bnbench import aot
+from kernels import _interpreter, _versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +210,7 @@ def test_memo_outcome_on_installed_triton():
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels.aot: launch recording and compiling on each Triton's internals
+# bnbench.aot: launch recording and compiling on each Triton's internals
 
 def test_launch_hooks_class_level_run(monkeypatch):
     """Triton 3.4+: InterpretedFunction.run is a method of the class."""
@@ -264,7 +265,7 @@ def test_aot_compiles_on_installed_triton():
     has it (3.4+) and 3.3's inline binding steps otherwise (the matrix runs both): the
     compile gives registers and 16-byte loads."""
     script = (
-        "import json, kernels.aot as a\n"
+        "import json, bnbench.aot as a\n"
         "l = a.recorded_launches(r'^eval \\(32, 64, 56, 56\\) nchw torch.float32')[0]\n"
         "r = a.compile_launch(l, 90)\n"
         "print(json.dumps(dict(error=r.error, regs=r.registers, "

@@ -14,7 +14,7 @@ register spills and unvectorised memory access.  This module:
    load and store in the PTX (``ld.global.v4.b32`` = 16 bytes).
 
 Compiling needs the interpreter off (``TRITON_INTERPRET`` unset before triton
-is imported): ``python -m kernels.aot`` prints a JSON list of results.
+is imported): ``python -m bnbench.aot`` prints a JSON list of results.
 :func:`record_launches` works either way.
 """
 
@@ -126,8 +126,8 @@ def scenarios():
     aligned fp32 shapes of both paths; and the num_warps configurations autotuning
     may try there.
     """
-    from .backward import bn_backward
-    from .forward import bn_forward_eval, bn_forward_train
+    from kernels.backward import bn_backward
+    from kernels.forward import bn_forward_eval, bn_forward_train
 
     def train(shape, dtype, pdtype, cl, stats, affine=True, running=True, cumulative=False,
               residual=False, relu=False):
@@ -225,7 +225,7 @@ def scenarios():
 
 
 def _autotuned(fn, *args):
-    from ._tuning import autotune_enabled, set_autotune
+    from kernels._tuning import autotune_enabled, set_autotune
 
     was = autotune_enabled()
     set_autotune(True)
@@ -331,7 +331,7 @@ def _ptxas_resources(ptx, arch):
 def compile_launch(launch, arch):
     """Compile one recorded launch for sm_<arch>; never raises (errors go in `error`)."""
     if not isinstance(launch.fn, JITFunction):
-        raise RuntimeError("kernels.aot compiles with TRITON_INTERPRET unset before triton "
+        raise RuntimeError("bnbench.aot compiles with TRITON_INTERPRET unset before triton "
                            "is imported (the interpreter's kernels cannot be compiled)")
     target = GPUTarget("cuda", arch, 32)
     options, signature, constexprs, attrs = _bind(launch, target)

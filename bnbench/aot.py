@@ -4,18 +4,21 @@ The Triton interpreter runs the kernels' code on CPU but hides compile errors,
 register spills and unvectorised memory access.  This module:
 
 1. runs the host functions on CPU tensors with kernel launches *recorded*, not
-   executed (:func:`record_launches`), over scenarios that cover every
+   executed (``kernels._triton_internals.record_launches``), over scenarios that cover every
    constexpr variant the ops can launch (:func:`scenarios`);
 2. specialises each recorded launch exactly as a real launch would (Triton's
-   own binder: argument types, 16-divisibility and alignment hints);
+   own binder: argument types, 16-divisibility and alignment hints;
+   ``kernels._triton_internals.bind``);
 3. compiles it with ``triton.compile`` for a ``GPUTarget`` (sm_80, sm_90) and
    reads the compiled resources: registers and spills from ``ptxas -v`` (the
    ptxas that ships in the triton wheel), shared memory, and the widest global
    load and store in the PTX (``ld.global.v4.b32`` = 16 bytes).
 
 Compiling needs the interpreter off (``TRITON_INTERPRET`` unset before triton
-is imported): ``python -m bnbench.aot`` prints a JSON list of results.
-:func:`record_launches` works either way.
+is imported): ``python -m bnbench.aot`` prints a JSON list of results, or one line
+``unavailable: <reason>`` on stderr and exit status 2 where Triton's internals differ from
+those checked (``kernels._triton_internals``). Development tooling, so it lives in
+``bnbench``, not in the runtime package ``kernels``.
 """
 
 import contextlib
@@ -31,21 +34,13 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from kernels._triton_internals import (Launch, TritonInternalsUnavailable, bind,  # noqa: F401
+                                       record_launches, signature_key)
 
 ARCHS = (80, 90)
-
-
-@dataclass
-class Launch:
-    """One recorded kernel launch: the kernel and the arguments it was called with."""
-
-    scenario: str
-    fn: JITFunction
-    args: tuple
-    kwargs: dict
-    grid: tuple
 
 
 @dataclass
@@ -66,49 +61,6 @@ class Compiled:
     max_load_bytes: int
     max_store_bytes: int
     error: str = ""
-
-
-@contextlib.contextmanager
-def record_launches(scenario=""):
-    """Within the block, `kernel[grid](...)` appends a Launch to the yielded list instead of
-    running (compiled or interpreted kernels alike; tensors may be on the meta device)."""
-    launches = []
-
-    def record(self, *args, grid, warmup=False, **kwargs):
-        launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
-
-    def record_grid(self, grid):
-        return lambda *args, **kwargs: record(self, *args, grid=grid, **kwargs)
-
-    originals = []  # (class, attribute, original)
-    for cls, name, replacement in _launch_hooks(record, record_grid):
-        originals.append((cls, name, cls.__dict__[name]))
-        setattr(cls, name, replacement)
-    try:
-        yield launches
-    finally:
-        for cls, name, original in originals:
-            setattr(cls, name, original)
-
-
-def _launch_hooks(record, record_grid):
-    """(class, attribute, replacement) that route `kernel[grid](...)` to the recorder.
-
-    Triton's internals, checked per version: ``JITFunction.run`` (every version this
-    supports), and the interpreter's ``InterpretedFunction``: a class-level ``run`` in
-    Triton 3.4+, whereas Triton 3.3 sets ``run`` on each instance and launches
-    ``kernel[grid]`` through ``InterpretedFunction.__getitem__`` (recorded there; an
-    autotuned launch under 3.3's interpreter is not recorded)."""
-    hooks = [(JITFunction, "run", record)]
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return hooks
-    if "run" in InterpretedFunction.__dict__:
-        hooks.append((InterpretedFunction, "run", record))
-    elif "__getitem__" in InterpretedFunction.__dict__:
-        hooks.append((InterpretedFunction, "__getitem__", record_grid))
-    return hooks
 
 
 def _tensor(shape, dtype, channels_last=False):
@@ -245,43 +197,11 @@ def recorded_launches(match=None):
         with record_launches(name) as got:
             thunk()
         for launch in got:
-            key = (launch.fn.__name__, _signature_key(launch))
+            key = (launch.fn.__name__, signature_key(launch))
             if key not in seen:
                 seen.add(key)
                 launches.append(launch)
     return launches
-
-
-def _bind(launch, target):
-    """Signature, constexprs, attrs and options exactly as a real launch on `target` would."""
-    backend = make_backend(target)
-    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    if hasattr(launch.fn, "_pack_args"):  # Triton 3.4+: the step JITFunction.run takes
-        return launch.fn._pack_args(backend, launch.kwargs, bound, specialization, options)
-    return _pack_args(launch.fn, backend, launch.kwargs, bound, specialization)
-
-
-def _pack_args(fn, backend, kwargs, bound_args, specialization):
-    """Triton 3.3's JITFunction.run inlines what 3.4+ names ``_pack_args``: the same steps
-    (options, signature, constexprs, attributes), copied from 3.3's ``run``."""
-    from triton._utils import find_paths_if, get_iterable_path
-
-    options = backend.parse_options(kwargs)
-    sigvals = [x[0] for x in specialization]
-    signature = {p.name: v for p, v in zip(fn.params, sigvals)}
-    constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
-    constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
-    attrvals = [x[1] for x in specialization]
-    attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
-    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
-    return options, signature, constexprs, attrs
-
-
-def _signature_key(launch):
-    _, signature, constexprs, attrs = _bind(launch, GPUTarget("cuda", 90, 32))
-    return str((sorted(signature.items()), sorted(constexprs.items(), key=str),
-                sorted(attrs.items(), key=str), launch.kwargs.get("num_warps")))
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
@@ -334,7 +254,7 @@ def compile_launch(launch, arch):
         raise RuntimeError("bnbench.aot compiles with TRITON_INTERPRET unset before triton "
                            "is imported (the interpreter's kernels cannot be compiled)")
     target = GPUTarget("cuda", arch, 32)
-    options, signature, constexprs, attrs = _bind(launch, target)
+    options, signature, constexprs, attrs = bind(launch, target)
     names = launch.fn.arg_names
     shown = ", ".join(f"{names[k[0]]}={v}" for k, v in sorted(constexprs.items())
                       if names[k[0]].isupper())
@@ -369,7 +289,11 @@ def main(argv=None):
                         help="compute capability (repeatable; default 80 and 90)")
     parser.add_argument("--match", help="only scenarios whose name matches this regex")
     args = parser.parse_args(argv)
-    results = compile_all(tuple(args.arch or ARCHS), args.match)
+    try:
+        results = compile_all(tuple(args.arch or ARCHS), args.match)
+    except TritonInternalsUnavailable as e:
+        print(f"unavailable: {e}", file=sys.stderr)
+        return 2
     json.dump([asdict(r) for r in results], sys.stdout, indent=1)
     return 0
 

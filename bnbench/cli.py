@@ -13,7 +13,9 @@ device.  Without one it sets ``TRITON_INTERPRET=1`` (the Triton kernels then run
 Triton's interpreter, for their numerics only) and, for device commands, prints a banner:
 no speed comparison is possible without a GPU.
 
-Bad arguments exit with status 2 and one line on stderr, never a traceback.
+Bad arguments exit with status 2 and one line on stderr, never a traceback; so does a
+command that needs Triton internals this Triton does not have
+(``kernels._triton_internals.TritonInternalsUnavailable``: ``unavailable: <reason>``).
 """
 
 import argparse
@@ -74,7 +76,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if getattr(args, "uses_device", True):
         prepare_device()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except RuntimeError as e:
+        internals = sys.modules.get("kernels._triton_internals")  # imported if it raised
+        if internals is None or not isinstance(e, internals.TritonInternalsUnavailable):
+            raise
+        print(f"bnbench {args.command}: unavailable: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def sweep_launches(cases):
     """The launches the sweep's Triton rows make (recorded on meta tensors, not run)."""
     import torch
 
-    from bnbench.aot import record_launches
+    from kernels._triton_internals import record_launches
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 
@@ -410,7 +410,8 @@ def sweep_launches(cases):
 
 def all_launches(cases):
     """Distinct launches (full variant_key) of the correctness scenarios and the sweep."""
-    from bnbench.aot import record_launches, scenarios
+    from bnbench.aot import scenarios
+    from kernels._triton_internals import record_launches
 
     launches = []
     for name, thunk in scenarios():
@@ -426,7 +427,8 @@ def all_launches(cases):
 
 def expected_variants():
     """The mode-switch variants (variant_key(full=False)) of ``bnbench.aot.scenarios``."""
-    from bnbench.aot import record_launches, scenarios
+    from bnbench.aot import scenarios
+    from kernels._triton_internals import record_launches
 
     keys = set()
     for name, thunk in scenarios():
@@ -507,12 +509,12 @@ def record_environment(out):
     except (OSError, subprocess.SubprocessError) as exc:
         smi = f"nvidia-smi failed: {exc}"
     fields["copy_gbps"] = timing.copy_bandwidth(device)
-    from kernels import _interpreter
+    from kernels import _triton_internals
 
     env = dict(fields, sm_count=props.multi_processor_count,
                capability=f"{props.major}.{props.minor}",
                memory_gib=round(props.total_memory / 2**30, 1), nvidia_smi=smi,
-               python=sys.version.split()[0], interpreter_patches=dict(_interpreter.INSTALLED),
+               python=sys.version.split()[0], interpreter_patches=dict(_triton_internals.INSTALLED),
                cpu_count=os.cpu_count())
     (out / "environment.json").write_text(json.dumps(env, indent=1, default=str))
     return fields, env
@@ -703,7 +705,7 @@ def run_checks(out, clock, the_checks, reserve, check_s, device="cuda"):
     original = JITFunction.run
 
     def run(self, *args, **kwargs):
-        from bnbench.aot import Launch
+        from kernels._triton_internals import Launch
 
         launched.add(variant_key(Launch("", self, args, {k: v for k, v in kwargs.items()
                                                         if k not in ("grid", "warmup")}, ()),

@@ -25,8 +25,14 @@ COLUMNS = ["kernel", "arch", "scenario", "registers", "spill_stores", "spill_loa
 def compile_variants(archs=(80, 90), match=None):
     """Run ``python -m bnbench.aot`` (interpreter off) and return its results as a DataFrame.
 
-    The subprocess imports the installed packages (no dependence on the working directory)."""
+    The subprocess imports the installed packages (no dependence on the working directory).
+    Raises TritonInternalsUnavailable where launch recording or ahead-of-time binding cannot
+    run on the installed Triton."""
     import pandas as pd
+
+    from kernels import _triton_internals as internals
+
+    internals.require(internals.RECORDING, internals.BINDING)
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "bnbench.aot"]
@@ -34,6 +40,9 @@ def compile_variants(archs=(80, 90), match=None):
     if match:
         cmd += ["--match", match]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    last = out.stderr.strip().splitlines()[-1:]
+    if out.returncode == 2 and last and last[0].startswith("unavailable: "):
+        raise internals.TritonInternalsUnavailable.relayed(last[0][len("unavailable: "):])
     if out.returncode != 0:
         raise RuntimeError(f"bnbench.aot failed: {out.stderr.strip().splitlines()[-1:]}")
     return pd.DataFrame(json.loads(out.stdout))[COLUMNS]

@@ -53,48 +53,25 @@ SINGLE_LAUNCH_KERNELS = {"_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_
 
 
 class Counter:
-    """Global loads/stores (bytes of unmasked lanes) and launches of interpreted kernels."""
+    """Global loads/stores (bytes of unmasked lanes) and launches of interpreted kernels,
+    seen through ``kernels._triton_internals.count_accesses``."""
 
     def __init__(self):
         self.accesses = []  # (kind, ndim, lowest address, highest address, bytes)
         self.launches = []  # (kernel name, programs)
 
-    def _record(self, kind, ptrs, mask):
-        addresses = ptrs.data[mask.data] if mask is not None else ptrs.data.ravel()
-        if addresses.size:
-            width = ptrs.get_element_ty().primitive_bitwidth // 8
-            self.accesses.append((kind, ptrs.data.ndim, int(addresses.min()),
-                                  int(addresses.max()), addresses.size * width))
-
     @contextlib.contextmanager
     def hooked(self):
-        """Count every interpreted load, store and launch made within the block."""
-        from triton.runtime import interpreter
+        """Count every interpreted load, store and launch made within the block (raises
+        TritonInternalsUnavailable where the interpreter's internals differ)."""
+        from kernels._triton_internals import count_accesses
 
-        builder = interpreter.interpreter_builder
-        load, store = builder.create_masked_load, builder.create_masked_store
-        grid_call = interpreter.GridExecutor.__call__
-
-        def counted_load(ptrs, mask, other, cache_policy, is_volatile):
-            self._record("load", ptrs, mask)
-            return load(ptrs, mask, other, cache_policy, is_volatile)
-
-        def counted_store(ptrs, value, mask, cache_policy):
-            self._record("store", ptrs, mask)
-            return store(ptrs, value, mask, cache_policy)
-
-        def counted_call(executor, *args, **kwargs):
-            grid = executor.grid
-            self.launches.append((executor.fn.__name__, math.prod(grid)))
-            return grid_call(executor, *args, **kwargs)
-
-        builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
-        interpreter.GridExecutor.__call__ = counted_call
-        try:
-            yield self
-        finally:
-            builder.create_masked_load, builder.create_masked_store = load, store
-            interpreter.GridExecutor.__call__ = grid_call
+        with count_accesses() as counts:
+            try:
+                yield self
+            finally:
+                self.accesses += counts.accesses
+                self.launches += counts.launches
 
     def split(self, element_tensors):
         """(element bytes read, element bytes written, per-channel bytes)."""
@@ -209,7 +186,7 @@ def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
     import torch
 
     from bnbench.shapes import resnet50_bn_shapes
-    from bnbench.aot import record_launches
+    from kernels._triton_internals import record_launches
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _interpreter
+from . import _triton_internals
 from . import forward as _fwd
 from ._layout import empty_output
 from .backward import bn_backward
@@ -46,7 +46,7 @@ from .forward import STATS_MODES, acc_dtype, bn_forward_eval, bn_forward_train
 ACTIVATIONS = (None, "relu", "silu")
 INTERPRETED = type(_fwd._bn_fwd_apply_kernel).__name__ == "InterpretedFunction"
 if INTERPRETED:
-    _interpreter.install()  # skips the interpreter's redundant re-patching (speed only)
+    _triton_internals.install()  # skips the interpreter's redundant re-patching (speed only)
 
 
 def uses_triton(t):

@@ -1,5 +1,8 @@
-"""Version support: the floors, and every touch of Triton's internals tested for both outcomes
-(the internals this was written against: patched; other internals: silently off).
+"""Version support: the floors, and every touch of Triton's internals
+(``kernels._triton_internals``) tested for both outcomes: on the internals it was written
+against, the patches are on and the features work; on other internals, the patches are
+silently off and each feature raises TritonInternalsUnavailable (``bnbench traffic`` and
+``bnbench inspect``: one line, exit status 2).
 
 The installed versions' own outcome is tested too, so running this file in each environment
 of the matrix (README, "Supported versions"; .github/workflows/cpu.yml) checks each one.
@@ -18,7 +21,8 @@ import triton
 
 import kernels
 from bnbench import aot
-from kernels import _interpreter, _versions
+from kernels import _triton_internals as internals
+from kernels import _versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +57,7 @@ def test_installed_versions_meet_the_floors():
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels._interpreter: the __index__ fix (Triton <= 3.6 with NumPy >= 2.4)
+# kernels._triton_internals: the __index__ fix (Triton <= 3.6 with NumPy >= 2.4)
 
 def _fake_interpreter(monkeypatch, patch_lang_tensor=None, **attrs):
     """A stand-in for triton.runtime.interpreter with the given internals."""
@@ -62,7 +66,7 @@ def _fake_interpreter(monkeypatch, patch_lang_tensor=None, **attrs):
     fake = types.SimpleNamespace(**attrs)
     if patch_lang_tensor is not None:
         fake._patch_lang_tensor = patch_lang_tensor
-    monkeypatch.setattr(_interpreter, "_interpreter", lambda: (fake, tl))
+    monkeypatch.setattr(internals, "_interpreter", lambda: (fake, tl))
     return fake
 
 
@@ -77,7 +81,7 @@ class _Scope:
 
 def _scalar(value):
     """An interpreter scalar: a 1-element array behind .handle.data."""
-    return _interpreter._Probe(np.array([value], dtype=np.int32))
+    return internals._Probe(np.array([value], dtype=np.int32))
 
 
 def _buggy_36(tensor, scope):  # Triton 3.4-3.6: int() of the 1-element array
@@ -105,7 +109,7 @@ def _numpy_rejects_1_element_int():
 @pytest.mark.parametrize("buggy", [_buggy_36, _buggy_33], ids=["triton3.4-3.6", "triton3.3"])
 def test_index_fix_installs_where_tritons_index_fails(monkeypatch, buggy):
     fake = _fake_interpreter(monkeypatch, buggy)
-    assert _interpreter.install_index_fix() is True
+    assert internals.install_index_fix() is True
     assert fake._patch_lang_tensor is not buggy
 
     class Tensor:
@@ -117,20 +121,20 @@ def test_index_fix_installs_where_tritons_index_fails(monkeypatch, buggy):
     assert Tensor.__index__(_scalar(7)) == 7
     if buggy is _buggy_36:  # through Triton's scope, so the launch's restore undoes it
         assert scope.changes[-1] == (Tensor, "__index__")
-    assert _interpreter.install_index_fix() is True  # idempotent
+    assert internals.install_index_fix() is True  # idempotent
     assert fake._patch_lang_tensor._bnbench_index_fix
 
 
-@pytest.mark.parametrize("internals", [
+@pytest.mark.parametrize("fake_internals", [
     dict(patch_lang_tensor=_fixed),  # Triton 3.7+: nothing to fix
     dict(),  # no _patch_lang_tensor at all
     dict(patch_lang_tensor=lambda a, b, c: None),  # another signature
     dict(patch_lang_tensor=lambda tensor, scope: 1 / 0),  # fails on the probe
 ], ids=["already-fixed", "absent", "other-signature", "raises"])
-def test_index_fix_off_where_internals_differ(monkeypatch, internals):
-    fake = _fake_interpreter(monkeypatch, **internals)
+def test_index_fix_off_where_internals_differ(monkeypatch, fake_internals):
+    fake = _fake_interpreter(monkeypatch, **fake_internals)
     before = getattr(fake, "_patch_lang_tensor", None)
-    assert _interpreter.install_index_fix() is False
+    assert internals.install_index_fix() is False
     assert getattr(fake, "_patch_lang_tensor", None) is before
 
 
@@ -143,7 +147,7 @@ def test_index_fix_outcome_on_installed_triton():
 
     patch = interpreter._patch_lang_tensor
     patched = getattr(patch, "_bnbench_index_fix", False)
-    assert patched == bool(_interpreter.INSTALLED.get("index"))
+    assert patched == bool(internals.INSTALLED.get("index"))
 
     class Tensor:
         pass
@@ -151,10 +155,10 @@ def test_index_fix_outcome_on_installed_triton():
     original = getattr(patch, "_bnbench_original", patch)
     two = len(inspect.signature(original).parameters) == 2  # (tensor, scope): Triton 3.4+
     patch(Tensor, _Scope()) if two else patch(Tensor)
-    fails = _interpreter._index_fails(Tensor.__index__)
+    fails = internals._index_fails(Tensor.__index__)
     assert not fails or not kernels.INTERPRETED, "Triton's __index__ fails and no fix is on"
     if not patched and kernels.INTERPRETED:
-        assert _interpreter.install_index_fix() is False  # nothing to fix here
+        assert internals.install_index_fix() is False  # nothing to fix here
 
 
 def test_kernel_with_runtime_loop_bounds_runs(device):
@@ -173,7 +177,7 @@ def test_kernel_with_runtime_loop_bounds_runs(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels._interpreter: the memo (speed only)
+# kernels._triton_internals: the memo (speed only)
 
 def test_memo_off_where_internals_differ(monkeypatch):
     class GridExecutor:
@@ -182,7 +186,7 @@ def test_memo_off_where_internals_differ(monkeypatch):
 
     # Triton 3.3: _patch_lang patches in place; no _LangPatchScope
     fake = _fake_interpreter(monkeypatch, _patch_lang=lambda fn: None, GridExecutor=GridExecutor)
-    assert _interpreter.install_memo() is False
+    assert internals.install_memo() is False
     assert not getattr(fake, "_bnbench_memo", False)
 
 
@@ -198,7 +202,7 @@ def test_memo_installs_on_the_internals_it_was_written_for(monkeypatch):
     calls = []
     fake = _fake_interpreter(monkeypatch, _patch_lang=lambda fn: calls.append(fn) or Scope(),
                              GridExecutor=GridExecutor, _LangPatchScope=Scope)
-    assert _interpreter.install_memo() is True
+    assert internals.install_memo() is True
     assert fake._bnbench_memo and GridExecutor()() == "launched"
 
 
@@ -206,11 +210,11 @@ def test_memo_outcome_on_installed_triton():
     from triton.runtime import interpreter
 
     expected = hasattr(interpreter, "_LangPatchScope")  # Triton 3.4+
-    assert _interpreter.INSTALLED.get("memo", False) is (expected and kernels.INTERPRETED)
+    assert internals.INSTALLED.get("memo", False) is (expected and kernels.INTERPRETED)
 
 
 # ---------------------------------------------------------------------------------------------
-# bnbench.aot: launch recording and compiling on each Triton's internals
+# kernels._triton_internals: launch recording; bnbench.aot: compiling on each Triton's internals
 
 def test_launch_hooks_class_level_run(monkeypatch):
     """Triton 3.4+: InterpretedFunction.run is a method of the class."""
@@ -221,7 +225,7 @@ def test_launch_hooks_class_level_run(monkeypatch):
             pass
 
     monkeypatch.setattr(interp, "InterpretedFunction", InterpretedFunction)
-    hooks = aot._launch_hooks("record", "record_grid")
+    hooks = internals._launch_hooks("record", "record_grid")
     assert (InterpretedFunction, "run", "record") in hooks
 
 
@@ -237,7 +241,7 @@ def test_launch_hooks_instance_run(monkeypatch):
             return lambda *a, **k: "ran"
 
     monkeypatch.setattr(interp, "InterpretedFunction", InterpretedFunction)
-    hooks = aot._launch_hooks("record", "record_grid")
+    hooks = internals._launch_hooks("record", "record_grid")
     assert (InterpretedFunction, "__getitem__", "record_grid") in hooks
     assert not any(cls is InterpretedFunction and name == "run" for cls, name, _ in hooks)
 
@@ -248,7 +252,7 @@ def test_record_launches_on_installed_triton():
 
     before = dict(vars(JITFunction))
     name, thunk = aot.scenarios()[0]
-    with aot.record_launches(name) as launches:
+    with internals.record_launches(name) as launches:
         thunk()
     assert launches and {type(l.fn).__name__ for l in launches} <= {"JITFunction",
                                                                      "InterpretedFunction"}
@@ -279,3 +283,181 @@ def test_aot_compiles_on_installed_triton():
 
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["error"] == "" and got["regs"] > 0 and got["load"] == 16, got
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels._triton_internals: each feature unavailable (not a crash) where internals differ
+
+_CHECKED = r"checked against Triton 3\.3\.1, 3\.6\.0, 3\.9\.0"
+
+
+def _unavailable(feature):
+    """pytest.raises for `feature`, its message naming the feature and the versions."""
+    import re
+
+    return pytest.raises(internals.TritonInternalsUnavailable,
+                         match=rf"^{feature} needs .*installed Triton "
+                               rf"{re.escape(triton.__version__)}; {_CHECKED}\)$")
+
+
+def test_every_feature_available_on_installed_triton():
+    assert internals.available() == {f: None for f in internals.FEATURES}
+    assert issubclass(internals.TritonInternalsUnavailable, RuntimeError)
+
+
+def test_launch_recording_unavailable(monkeypatch):
+    import triton.runtime.interpreter as interp
+
+    class InterpretedFunction:  # neither a class-level run(grid=...) nor __getitem__
+        pass
+
+    monkeypatch.setattr(interp, "InterpretedFunction", InterpretedFunction)
+    with _unavailable("launch recording"):
+        with internals.record_launches():
+            pass
+    assert "InterpretedFunction" in internals.available()["launch recording"]
+
+
+def test_launch_recording_unavailable_without_jit_run_grid(monkeypatch):
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setattr(JITFunction, "run", lambda self, *args: None)
+    with _unavailable("launch recording"):
+        internals._launch_hooks(None, None)
+    assert "JITFunction.run" in internals.available()["launch recording"]
+
+
+@pytest.mark.parametrize("broken", ["builder", "load", "executor"])
+def test_access_counting_unavailable(monkeypatch, broken):
+    from triton.runtime import interpreter
+
+    if broken == "builder":
+        monkeypatch.delattr(interpreter, "interpreter_builder")
+    elif broken == "load":
+        monkeypatch.setattr(interpreter, "interpreter_builder", types.SimpleNamespace(
+            create_masked_load=lambda pointers, m: None,
+            create_masked_store=lambda ptrs, value, mask: None))
+    else:
+        class GridExecutor:
+            def __init__(self, fn, arg_names):
+                pass
+
+            def __call__(self):
+                pass
+        monkeypatch.setattr(interpreter, "GridExecutor", GridExecutor)
+    with _unavailable("access counting"):
+        with internals.count_accesses():
+            pass
+    assert internals.available()["access counting"].startswith("access counting needs")
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="counts interpreted launches only")
+def test_access_counting_on_installed_triton():
+    """Loads, stores and launches of a real interpreted op; the hooks undone afterwards
+    (the load/store arguments differ by version: 3.3-3.6 and 3.9 both counted)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    names = ("create_masked_load", "create_masked_store")
+    before = ({n: vars(builder).get(n) for n in names},
+              interpreter.GridExecutor.__dict__["__call__"])
+    x = torch.randn(4, 3, 5, 5)
+    with internals.count_accesses() as counts:
+        kernels.batch_norm(x, torch.zeros(3), torch.ones(3), training=False)
+    kinds = {a[0] for a in counts.accesses}
+    assert kinds == {"load", "store"} and counts.launches and all(p > 0 for _, p in counts.launches)
+    written = sum(a[4] for a in counts.accesses if a[0] == "store")
+    assert written == x.numel() * x.element_size()  # y, once
+    assert ({n: vars(builder).get(n) for n in names},
+            interpreter.GridExecutor.__dict__["__call__"]) == before
+
+
+@pytest.mark.parametrize("broken", ["binder", "pack_args"])
+def test_binding_unavailable(monkeypatch, broken):
+    import triton.runtime.jit as jit
+
+    fn = types.SimpleNamespace(_pack_args=lambda backend: None)  # another signature
+    if broken == "binder":
+        monkeypatch.setattr(jit, "create_function_from_signature", lambda sig, backend: None)
+        fn = object()
+    else:
+        monkeypatch.setattr(jit.JITFunction, "_pack_args", fn._pack_args, raising=False)
+    launch = internals.Launch("", fn, (), {}, (1,))
+    with _unavailable("ahead-of-time binding"):
+        internals.bind(launch, None)
+    assert internals.available()["ahead-of-time binding"] is not None
+
+
+def test_require_names_the_first_unavailable_feature(monkeypatch):
+    import triton.runtime.jit as jit
+
+    internals.require()  # all available here
+    monkeypatch.setattr(jit, "create_function_from_signature", lambda: None)
+    internals.require(internals.RECORDING)
+    with _unavailable("ahead-of-time binding"):
+        internals.require(internals.RECORDING, internals.BINDING)
+
+
+def test_traffic_cli_unavailable_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    from triton.runtime import interpreter
+
+    from bnbench import cli
+
+    monkeypatch.delattr(interpreter, "interpreter_builder")
+    status = cli.main(["traffic", "--shapes", "8x16x7x7", "--layouts", "nchw", "--fusions",
+                       "none", "--no-parallelism", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bnbench traffic: unavailable: access counting needs")
+    assert "3.3.1, 3.6.0, 3.9.0" in err and "Traceback" not in err
+
+
+def test_inspect_cli_unavailable_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    import triton.runtime.jit as jit
+
+    from bnbench import cli
+
+    monkeypatch.setattr(jit, "create_function_from_signature", lambda: None)
+    status = cli.main(["inspect", "--arch", "90", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bnbench inspect: unavailable: ahead-of-time binding needs")
+    assert "3.3.1, 3.6.0, 3.9.0" in err
+
+
+def test_inspect_relays_the_aot_subprocess_unavailable(monkeypatch):
+    """`python -m bnbench.aot` says `unavailable: ...` and exits 2; inspect raises it."""
+    from bnbench import inspect as bn_inspect
+
+    line = "ahead-of-time binding needs X (installed Triton 9.9; checked against Triton ...)"
+    monkeypatch.setattr(bn_inspect.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 2, "", f"some warning\nunavailable: {line}\n"))
+    with pytest.raises(internals.TritonInternalsUnavailable) as got:
+        bn_inspect.compile_variants((90,))
+    assert str(got.value) == line and got.value.feature == "ahead-of-time binding"
+
+
+def test_aot_main_unavailable_exit_2():
+    """The AOT driver itself, in a process where binding's internals are broken."""
+    script = (
+        "import sys, triton.runtime.jit as j\n"
+        "j.create_function_from_signature = lambda: None\n"
+        "import bnbench.aot as a\n"
+        "sys.exit(a.main(['--arch', '90', '--match', '^eval \\\\(32, 64, 56, 56\\\\) nchw "
+        "torch.float32']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "unavailable: ahead-of-time binding needs")
+    assert out.stdout == ""
+
+
+def test_inspect_runs_outside_the_source_tree(monkeypatch, tmp_path):
+    """`python -m bnbench.aot` from another directory (the installed package, not the cwd)."""
+    from bnbench import inspect as bn_inspect
+
+    monkeypatch.chdir(tmp_path)
+    df = bn_inspect.compile_variants((90,), r"^eval \(32, 64, 56, 56\) nchw torch.float32")
+    assert len(df) and (df.error == "").all() and (df.registers > 0).all()

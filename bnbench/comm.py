@@ -23,6 +23,8 @@ import socket
 import sys
 
 WORLDS = (2, 8, 64)
+METHOD = ("torch.distributed collectives recorded on one rank (gloo, NCCL on a GPU), bytes per "
+          "world size computed (ring all_reduce); torch.nn.SyncBatchNorm's from its source")
 CHANNELS = 256
 
 
@@ -137,7 +139,11 @@ def rows(measured, channels, worlds):
 def run_command(args):
     import pandas as pd
 
-    from .environment import OutputError, output_dir, provenance
+    import torch
+
+    import kernels
+
+    from .environment import STAMP_COLUMNS, OutputError, output_dir, stamp
 
     try:
         out = output_dir(args.out)
@@ -145,11 +151,11 @@ def run_command(args):
         print(f"bnbench comm: {exc}", file=sys.stderr)
         return 2
     table = pd.DataFrame(rows(measure(args.channels), args.channels, args.worlds))
-    for key, value in provenance().items():
-        table[key] = value
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    table = stamp(table, device, interpreted=bool(kernels.INTERPRETED), method=METHOD)
     path = out / "comm.csv"
     table.to_csv(path, index=False)
-    show = table[table.phase != "first call"].drop(columns=["bnbench_version", "git_commit"])
+    show = table[table.phase != "first call"].drop(columns=list(STAMP_COLUMNS))
     print(show.to_string(index=False))
     print(f"first call of kernels.SyncBatchNorm also: one all_gather_object; written {path}")
     return 0

@@ -1,6 +1,8 @@
 """What a run records about where it ran: device, versions, commit, time, TF32 settings.
 
-These go into every row of the CSV, so a row read on its own says what produced it.
+One schema (:data:`STAMP_COLUMNS`, :func:`metadata`, :func:`stamp`) for every CSV bnbench
+writes: these columns come first in every row, so a row read on its own says what produced
+it and how.
 Also the settings ``bnbench run`` and ``bnbench train`` share: the CPU thread count.
 No torch at import time (the CLI's parsers import this module).
 """
@@ -68,11 +70,6 @@ def git_commit(root=None):
     return _checkout_commit(root) or _installed_commit() or "unknown"
 
 
-def provenance():
-    """What code produced a run: {"bnbench_version": ..., "git_commit": ...}."""
-    return {"bnbench_version": package_version(), "git_commit": git_commit()}
-
-
 def _positive_int(text):
     try:
         value = int(text)
@@ -129,6 +126,19 @@ def device_slug(device):
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
+def read_tf32():
+    """The TF32 settings as they are (nothing changed), e.g. "on (matmul=tf32, cudnn=tf32)"."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        read = (matmul.fp32_precision, cudnn.fp32_precision)
+        state = "on" if "tf32" in read else "off"
+        return f"{state} (matmul={read[0]}, cudnn={read[1]})"
+    state = "on" if (matmul.allow_tf32 or cudnn.allow_tf32) else "off"
+    return f"{state} (matmul.allow_tf32={matmul.allow_tf32}, cudnn.allow_tf32={cudnn.allow_tf32})"
+
+
 def pin_tf32():
     """Turn TF32 off for matmuls and cuDNN (BatchNorm does no matmul; pinned so runs compare).
 
@@ -141,22 +151,37 @@ def pin_tf32():
         # torch >= 2.9: the new API only; mixing it with allow_tf32 makes reading the flags raise.
         matmul.fp32_precision = "ieee"
         cudnn.fp32_precision = "ieee"
-        read = (matmul.fp32_precision, cudnn.fp32_precision)
-        state = "on" if "tf32" in read else "off"
-        return f"{state} (matmul={read[0]}, cudnn={read[1]})"
-    matmul.allow_tf32 = False
-    cudnn.allow_tf32 = False
-    state = "on" if (matmul.allow_tf32 or cudnn.allow_tf32) else "off"
-    return f"{state} (matmul.allow_tf32={matmul.allow_tf32}, cudnn.allow_tf32={cudnn.allow_tf32})"
+    else:
+        matmul.allow_tf32 = False
+        cudnn.allow_tf32 = False
+    return read_tf32()
 
 
-def collect(device, interpreted, tf32):
-    """The run's metadata columns.
+STAMP_COLUMNS = ("timestamp", "bnbench_version", "git_commit", "device", "device_type",
+                 "torch_version", "triton_version", "cuda_version", "cudnn_version",
+                 "triton_mode", "tf32", "method")
+"""The metadata columns every bnbench CSV starts with, in this order (:func:`metadata`)."""
+
+NONE = "none"  # the value of a metadata column that does not apply
+
+
+def metadata(device, *, interpreted, method, tf32=None):
+    """The metadata columns of every bnbench CSV: a dict in STAMP_COLUMNS order.
+
+    The one schema: ``bnbench run``, ``train``, ``gpu-day``, ``comm``, ``zoo``, ``inspect``
+    and ``traffic`` all stamp their rows with it (:func:`stamp` for a DataFrame).
 
     Args:
-        device: "cuda" or "cpu".
-        interpreted: the Triton kernels run through Triton's interpreter.
-        tf32: the TF32 settings, as pin_tf32 returned them.
+        device: "cuda" or "cpu" (what ran the numbers), or None where no device ran them
+            (``bnbench inspect`` compiles only): device and device_type are then "none".
+        interpreted: the Triton kernels ran through Triton's interpreter (triton_mode
+            "interpreter", else "compiled").
+        method: how the numbers were obtained (timer, counter, compiler), in words.
+        tf32: the TF32 settings, as pin_tf32 or read_tf32 returned them; None (written
+            "none") where no matmul or convolution ran.
+
+    timestamp is UTC, to the second; git_commit as :func:`git_commit`; triton_version,
+    cuda_version and cudnn_version "none" where there is none.
     """
     import importlib.metadata
 
@@ -166,21 +191,34 @@ def collect(device, interpreted, tf32):
         try:
             return importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            return "none"
+            return NONE
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **provenance(),
-        "device": device_name(device),
-        "device_type": device,
+        "bnbench_version": package_version(),
+        "git_commit": git_commit(),
+        "device": device_name(device) if device else NONE,
+        "device_type": device or NONE,
         "torch_version": torch.__version__,
         "triton_version": version("triton"),
-        "cuda_version": torch.version.cuda or "none",
-        "cudnn_version": cudnn if cudnn is not None else "none",
+        "cuda_version": torch.version.cuda or NONE,
+        "cudnn_version": cudnn if cudnn is not None else NONE,
         "triton_mode": "interpreter" if interpreted else "compiled",
-        "tf32": tf32,
+        "tf32": NONE if tf32 is None else tf32,
+        "method": method,
     }
+
+
+def stamp(df, device, *, interpreted, method, tf32=None):
+    """`df` (a pandas DataFrame) with the :func:`metadata` columns first, in their order,
+    then its own columns (a column of `df` with a metadata name is replaced)."""
+    import pandas as pd
+
+    fields = metadata(device, interpreted=interpreted, method=method, tf32=tf32)
+    rest = df.drop(columns=[c for c in STAMP_COLUMNS if c in df.columns])
+    head = pd.DataFrame({k: [v] * len(rest) for k, v in fields.items()}, index=rest.index)
+    return pd.concat([head, rest], axis=1)
 
 
 class OutputError(ValueError):

@@ -500,7 +500,12 @@ def record_environment(out):
 
     device = "cuda"
     tf32 = environment.pin_tf32()
-    fields = environment.collect(device, bool(kernels.INTERPRETED), tf32)
+    from .run import method
+
+    interpreted = bool(kernels.INTERPRETED)
+    fields = environment.metadata(device, interpreted=interpreted, tf32=tf32,
+                                  method="bnbench gpu-day sweep: "
+                                         + method(device, interpreted))
     props = torch.cuda.get_device_properties(0)
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"

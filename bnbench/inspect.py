@@ -10,7 +10,6 @@ The compiler runs in a subprocess with ``TRITON_INTERPRET`` unset: the interpret
 kernels cannot be compiled.
 """
 
-import datetime
 import json
 import os
 import subprocess
@@ -59,14 +58,14 @@ def summary(df):
 
 
 def run_command(args):
-    from bnbench.environment import git_commit
+    from bnbench.environment import stamp
 
-    import triton
-
-    df = compile_variants(tuple(args.arch), args.match)
-    df["triton"] = triton.__version__
-    df["commit"] = git_commit()
-    df["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    archs = tuple(args.arch)
+    df = compile_variants(archs, args.match)
+    method = ("triton.compile + ptxas for " + "/".join(f"sm_{a}" for a in archs)
+              + ", no GPU; registers, spills and shared memory from the compiled kernel, "
+              "widest load/store from its PTX")
+    df = stamp(df, None, interpreted=False, method=method)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "inspect.csv"

@@ -2,12 +2,13 @@
 
 Columns, in order:
 
-* the run: ``timestamp`` (UTC, start of the run), ``git_commit`` (``-dirty`` when the
-  code differs from it; ``unknown`` outside a checkout unless pip recorded it),
-  ``bnbench_version`` (the installed package's), ``device`` (GPU or
-  CPU name), ``device_type`` (cuda/cpu), ``torch_version``, ``triton_version``,
-  ``cuda_version``, ``cudnn_version``, ``triton_mode`` (compiled/interpreter), ``tf32``,
-  ``copy_gbps`` (the device's copy bandwidth, measured once per run);
+* the run: the metadata every bnbench CSV starts with (``bnbench.environment.STAMP_COLUMNS``):
+  ``timestamp`` (UTC, start of the run), ``bnbench_version`` (the installed package's),
+  ``git_commit`` (``-dirty`` when the code differs from it; ``unknown`` outside a checkout
+  unless pip recorded it), ``device`` (GPU or CPU name), ``device_type`` (cuda/cpu),
+  ``torch_version``, ``triton_version``, ``cuda_version``, ``cudnn_version``,
+  ``triton_mode`` (compiled/interpreter), ``tf32``, ``method`` (the timer, in words);
+  then ``copy_gbps`` (the device's copy bandwidth, measured once per run);
 * the case: ``impl``, ``backend`` (what actually ran, see ``bnbench.backends``),
   ``mode``, ``N``, ``C``, ``H``, ``W``, ``dtype``, ``layout``, ``fusion`` (none, relu,
   residual+relu; see ``bnbench.cases``);
@@ -29,11 +30,10 @@ import csv
 import math
 import textwrap
 
+from .environment import STAMP_COLUMNS
 from .numerics import ERROR_COLUMNS
 
-RUN_COLUMNS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type",
-               "torch_version", "triton_version", "cuda_version", "cudnn_version",
-               "triton_mode", "tf32", "copy_gbps")
+RUN_COLUMNS = STAMP_COLUMNS + ("copy_gbps",)
 CASE_COLUMNS = ("impl", "backend", "mode", "N", "C", "H", "W", "dtype", "layout",
                 "fusion")
 OUTCOME_COLUMNS = ("status", "error")

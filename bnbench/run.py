@@ -136,6 +136,17 @@ def resolve(args, device):
     return settings, label
 
 
+def method(device, interpreted):
+    """The CSV's ``method``: how ``bnbench run``'s runner (also gpu-day's) got its numbers."""
+    if device == "cuda":
+        timer = "triton.testing.do_bench (CUDA events, L2 flushed before each call)"
+    else:
+        timer = "time.perf_counter (do_bench's protocol, no cache flush)"
+    triton = ("Triton rows through the interpreter, untimed" if interpreted
+              else "Triton rows compiled")
+    return f"median of repetitions, {timer}; {triton}; errors against a float64 reference"
+
+
 def run_command(args):
     """Run the sweep; return 0 (1 with --fail-on-error if a row failed, 130 if interrupted,
     2 with one line on stderr if --out cannot be written)."""
@@ -170,7 +181,8 @@ def run_command(args):
 
     environment.set_cpu_threads(device, args.cpu_threads)
     tf32 = environment.pin_tf32()
-    run_fields = environment.collect(device, interpreted, tf32)
+    run_fields = environment.metadata(device, interpreted=interpreted, tf32=tf32,
+                                      method=method(device, interpreted))
     run_fields["copy_gbps"] = timing.copy_bandwidth(device)
     opts = runner.Options(device=device, interpreted=interpreted, warmup_ms=args.warmup_ms,
                           rep_ms=args.rep_ms, seed=args.seed, copy_gbps=run_fields["copy_gbps"])

@@ -25,7 +25,6 @@ the grid of every launch is what a real launch on an H100 (132 SMs) would get.
 """
 
 import contextlib
-import datetime
 import math
 import os
 import sys
@@ -220,17 +219,11 @@ def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
 
 
 def _stamp(df):
-    from bnbench.environment import git_commit
+    """`df` with the metadata columns every bnbench CSV starts with (environment.stamp)."""
+    from bnbench.environment import stamp
 
-    import torch
-    import triton
-
-    df["torch"] = torch.__version__
-    df["triton"] = triton.__version__
-    df["commit"] = git_commit()
-    df["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    df["counted_with"] = "triton interpreter (CPU); programs planned for 132 SMs"
-    return df
+    return stamp(df, "cpu", interpreted=True,
+                 method="triton interpreter (CPU); programs planned for 132 SMs")
 
 
 def run_command(args):

@@ -24,6 +24,7 @@ import csv
 import math
 import time
 
+from .environment import STAMP_COLUMNS
 from .train_args import (QUICK, QUICK_OUT, FULL_OUT, LOCAL_ROOT, SEED,  # noqa: F401
                          add_arguments, add_parser)
 from .train_data import SPLIT_SEED, TEST_FRACTION, load_digits_split  # noqa: F401
@@ -38,10 +39,10 @@ from .train_report import (PNG_NAMES, STYLE, TITLES, _footer, _read, _save,  # n
 SURFACE_SAMPLES = 256  # training images the loss surface is computed on
 FULL_GRID = 21
 
-RUN_FIELDS = ("timestamp", "git_commit", "bnbench_version", "device", "device_type",
-              "torch_version", "triton_version", "cuda_version", "cudnn_version", "triton_mode",
-              "tf32", "kernel_plans", "nproc")
+RUN_FIELDS = STAMP_COLUMNS + ("kernel_plans", "nproc")
 COLUMNS = RUN_FIELDS + ROW_FIELDS
+METHOD = ("training on scikit-learn's digits, losses and accuracies as computed in the loop; "
+          "epoch times time.perf_counter wall time")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +100,9 @@ def train_command(args):
         runs = [r for r in runs if r[0].name == "three_convs"
                 and (bn_kind(r[1]) != "torch" or device == "cuda")]
     environment.set_cpu_threads(device, args.cpu_threads)
-    tf32 = environment.pin_tf32() if device == "cuda" else "n/a (cpu)"
-    run_fields = environment.collect(device, bool(kernels.INTERPRETED), tf32)
+    tf32 = environment.pin_tf32() if device == "cuda" else None
+    run_fields = environment.metadata(device, interpreted=bool(kernels.INTERPRETED), tf32=tf32,
+                                      method=METHOD)
     fast_plans = device == "cpu" and not args.gpu_plans
     kernels.set_interpreter_plans(fast_plans)
     run_fields["kernel_plans"] = "interpreter-fast" if fast_plans else "gpu"

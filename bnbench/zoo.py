@@ -14,8 +14,9 @@ randomised, so that a fold that ignored them would show):
 
 Writes ``<out>/zoo.csv`` (one row per model: library, model, bns, folded, kept,
 kept_reasons, fold_rel_err, fold_s, convert_eval_rel_err, torch_eval_rel_err,
-convert_train_rel_err, torch_train_rel_err, convert_s, error, with device, versions and
-commit) and prints the README table.
+convert_train_rel_err, torch_train_rel_err, convert_s, error, timm_version,
+torchvision_version, after the metadata columns every bnbench CSV starts with:
+``bnbench.environment.STAMP_COLUMNS``) and prints the README table.
 
 timm and torchvision are test dependencies (``pip install -e ".[test]"``).  The
 torchvision wheel on PyPI is a CUDA build: beside a CPU-only torch its C extension
@@ -28,7 +29,6 @@ unavailable, which no model here calls.
 """
 
 import copy
-import datetime
 import sys
 import time
 
@@ -64,6 +64,9 @@ MODELS = [
     ("timm", "mobilenetv3_small_050", lambda tm, tv: tm.create_model("mobilenetv3_small_050"),
      True),
 ]
+METHOD = ("fold: float64 eval, relative error against the unfolded model; convert: "
+          "kernels.convert_batchnorm in float32 against the float64 model, one random input "
+          "per mode; times time.perf_counter")
 EVAL_INPUT = (1, 3, 32, 32)
 TRAIN_INPUT = (2, 3, 64, 64)  # 2x2 at the last stage: batch statistics of 8 values
 
@@ -205,7 +208,7 @@ def convert_check(model, mode, seed=0, device="cpu"):
 def run_command(args):
     import pandas as pd
 
-    from bnbench.environment import git_commit
+    from bnbench.environment import read_tf32, stamp
     import kernels
     import torch
 
@@ -235,11 +238,9 @@ def run_command(args):
         print(_line(row), flush=True)
         rows.append(row)
     df = pd.DataFrame(rows)
-    df["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    df["torch"], df["timm"], df["torchvision"] = (torch.__version__, timm.__version__,
-                                                  torchvision.__version__)
-    df["commit"] = git_commit()
-    df["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    df["timm_version"], df["torchvision_version"] = timm.__version__, torchvision.__version__
+    df = stamp(df, device, interpreted=bool(kernels.INTERPRETED), method=METHOD,
+               tf32=read_tf32() if device == "cuda" else None)
     from pathlib import Path
 
     out = Path(args.out)

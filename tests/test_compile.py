@@ -159,4 +159,12 @@ def test_inspect_command(tmp_path):
     df = pd.read_csv(tmp_path / "inspect.csv", keep_default_na=False)
     assert len(df) >= 6 and set(df.kernel) == {"_bn_fwd_apply_kernel"} and set(df.arch) == {90}
     assert (df.error == "").all() and (df.registers > 0).all() and (df.max_load_bytes > 0).all()
-    assert {"commit", "triton", "spill_stores", "shared_bytes", "num_warps"} <= set(df.columns)
+    assert {"spill_stores", "shared_bytes", "num_warps"} <= set(df.columns)
+    from bnbench.environment import STAMP_COLUMNS
+
+    # the metadata every bnbench CSV starts with; no GPU ran it, the compiler did
+    assert list(df.columns[:len(STAMP_COLUMNS)]) == list(STAMP_COLUMNS)
+    assert set(df.device_type) == {"none"} and set(df.triton_mode) == {"compiled"}
+    assert set(df.method) == {"triton.compile + ptxas for sm_90, no GPU; registers, spills and "
+                              "shared memory from the compiled kernel, widest load/store from "
+                              "its PTX"}

@@ -12,6 +12,8 @@ Public API:
     fold_conv_bn(conv, bn), fold_batchnorm(model, inplace=False), BatchNormInference
     set_autotune(enabled): try num_warps 4/8/16 per shape (also BNBENCH_AUTOTUNE=1)
     set_interpreter_plans(fast): few programs and large tiles for interpreted (CPU) launches
+    planning(policy=None, **overrides): a context with a PlanPolicy (GPU_PLANS,
+        FAST_INTERPRETER_PLANS, or fields replaced) for the launch plans made in it
 
 On CPU the kernels run through Triton's interpreter when TRITON_INTERPRET=1 is set
 before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
@@ -20,7 +22,8 @@ before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
 from .fold import BatchNormInference, FoldRecord, FoldReport, fold_batchnorm, fold_conv_bn
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ConversionRecord, ConversionReport,
                       convert_batchnorm)
-from ._layout import set_interpreter_plans
+from ._plan import (FAST_INTERPRETER_PLANS, GPU_PLANS, PlanPolicy, planning,
+                    set_interpreter_plans)
 from ._tuning import set_autotune
 from .ops import INTERPRETED, batch_norm, uses_triton
 from .sync import SyncBatchNorm, sync_batch_norm
@@ -29,4 +32,5 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "sync_b
            "ConversionRecord",
            "ConversionReport", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
            "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord",
+           "planning", "PlanPolicy", "GPU_PLANS", "FAST_INTERPRETER_PLANS",
            "FoldReport", "fold_batchnorm", "fold_conv_bn"]

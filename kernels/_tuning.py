@@ -1,6 +1,6 @@
 """Optional autotuning of the launch's num_warps (off by default).
 
-The work split and block sizes come from the shape (kernels._layout); with
+The work split and block sizes come from the shape (kernels._plan); with
 autotuning on (``BNBENCH_AUTOTUNE=1`` in the environment, or
 ``kernels.set_autotune(True)``) each kernel also tries num_warps 4, 8 and 16 the
 first time it meets a shape, keeping the fastest.  Configurations that would

@@ -38,7 +38,8 @@ from ._common import (
     ACT_NONE, ACT_RELU, ACT_SILU, _activation_grad, _bcast, _channels, _load_channel, _merge_sums,
     _offsets, _per_channel, _tile, activation_code,
 )
-from ._layout import choose_layout, empty_output, plan, strides, to_layout
+from ._layout import choose_layout, empty_output, strides, to_layout
+from ._plan import plan
 from ._tuning import launcher
 from .forward import acc_dtype, tl_acc
 

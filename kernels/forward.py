@@ -51,7 +51,8 @@ from ._common import (
     _activate, _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums,
     _merge_welford, _offsets, _per_channel, _per_channel_zero, _pivot, _tile, activation_code,
 )
-from ._layout import choose_layout, empty_output, plan, strides, to_layout
+from ._layout import choose_layout, empty_output, strides, to_layout
+from ._plan import plan
 from ._tuning import launcher
 
 # Values of the stats kernel's STATS constexpr: the partials one read of x makes.  Kernel

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._layout import choose_layout, empty_output, plan
+from ._layout import choose_layout, empty_output
+from ._plan import plan
 from .backward import bn_backward
 from .forward import STATS_CENTRED, STATS_SUM, STATS_WELFORD, acc_dtype, bn_forward_eval, \
     launch_stats

@@ -47,17 +47,17 @@ class _CountingKernel:
 def path(request, monkeypatch):
     """Run a training test on the general (multi-launch) path and on the single-launch path,
     and check that the requested path is the one that ran."""
-    import kernels._layout
+    import kernels
     import kernels.backward
     import kernels.forward
 
-    if request.param == "general":
-        monkeypatch.setattr(kernels._layout, "SINGLE_LAUNCH_MAX_ELEMS", 0)
     single = [_CountingKernel(kernels.forward._bn_fwd_single_launch_kernel),
              _CountingKernel(kernels.backward._bn_bwd_single_launch_kernel)]
     monkeypatch.setattr(kernels.forward, "_bn_fwd_single_launch_kernel", single[0])
     monkeypatch.setattr(kernels.backward, "_bn_bwd_single_launch_kernel", single[1])
-    yield request.param
+    general = {"single_launch_max_elems": 0} if request.param == "general" else {}
+    with kernels.planning(**general):
+        yield request.param
     launches = single[0].launches + single[1].launches
     if request.param == "general":
         assert launches == 0, "the single-launch kernels ran on the general path"

@@ -280,32 +280,29 @@ def test_autotuned_kernels_update_running_stats_once(shape, stats, device, monke
 @pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[5]])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(7, 3, 31, 23), (5, 2, 3, 3)], ids=["general", "single-launch"])
-def test_fast_interpreter_plans(shape, layout, dtypes, stats, device, monkeypatch):
-    """`set_interpreter_plans(True)` (bnbench train's plans without a GPU) runs the same
-    kernels in few programs with large tiles: same tolerances, and the plan really changes.
-    The general shape's 4,991 elements per channel take several tiles per program when
-    FAST_TILE_ELEMS is lowered to 1024, so the in-program merges run too."""
-    import kernels._layout as layout_mod
+def test_fast_interpreter_plans(shape, layout, dtypes, stats, device):
+    """FAST_INTERPRETER_PLANS (bnbench train's plans without a GPU) runs the same kernels in
+    few programs with large tiles: same tolerances, and the plan really changes.  The
+    general shape's 4,991 elements per channel take several tiles per program when
+    fast_tile_elems is lowered to 1024, so the in-program merges run too."""
+    from kernels._plan import TARGET_WAVES, plan
 
     dtype, pdtype = dtypes
     x = make_input(shape, layout, dtype, device)
-    gpu_plan = layout_mod.plan(x, layout == "channels_last")
-    monkeypatch.setattr(layout_mod, "FAST_TILE_ELEMS", 1024)
-    monkeypatch.setattr(layout_mod, "_fast_interpreter_plans", False)
-    assert kernels.set_interpreter_plans(True) is False
-    fast_plan = layout_mod.plan(x, layout == "channels_last")
-    if torch.device(device).type == "cuda":
-        assert fast_plan == gpu_plan, "CUDA launches must keep the GPU plan"
-    else:
-        assert fast_plan.programs < gpu_plan.programs or fast_plan.single_launch
-        assert fast_plan.split <= layout_mod.TARGET_WAVES
-        if not fast_plan.single_launch:
-            assert fast_plan.tiles_per_prog > 1
-    w, b, rm, rv = make_params(shape[1], pdtype, device)
-    for _ in range(2):
-        check_train_step(x, w, b, rm, rv, stats, param_dtype=pdtype)
-        x = make_input(shape, layout, dtype, device)
-    y = kernels.batch_norm(x, rm, rv, w, b, training=False)
+    gpu_plan = plan(x, layout == "channels_last")
+    with kernels.planning(kernels.FAST_INTERPRETER_PLANS, fast_tile_elems=1024):
+        fast_plan = plan(x, layout == "channels_last")
+        if torch.device(device).type == "cuda":
+            assert fast_plan == gpu_plan, "CUDA launches must keep the GPU plan"
+        else:
+            assert fast_plan.programs < gpu_plan.programs or fast_plan.single_launch
+            assert fast_plan.split <= TARGET_WAVES
+            if not fast_plan.single_launch:
+                assert fast_plan.tiles_per_prog > 1
+        w, b, rm, rv = make_params(shape[1], pdtype, device)
+        for _ in range(2):
+            check_train_step(x, w, b, rm, rv, stats, param_dtype=pdtype)
+            x = make_input(shape, layout, dtype, device)
+        y = kernels.batch_norm(x, rm, rv, w, b, training=False)
     y_ref = reference_batch_norm(f64(x), f64(rm), f64(rv), f64(w), f64(b), False, 0.1, 1e-5)
     assert_close(y, y_ref, dtype, "y (eval)")
-    assert kernels.set_interpreter_plans(False) is True

@@ -142,12 +142,16 @@ def _check_parity(experiment, variant, data, epochs, device):
     return ref_loss
 
 
-def test_three_convs_kernels_train_like_torch_batchnorm(device, monkeypatch):
+@pytest.fixture
+def fast_plans():
+    """The fast interpreter plans `bnbench train` uses without CUDA, for one test."""
+    with kernels.planning(kernels.FAST_INTERPRETER_PLANS):
+        yield
+
+
+def test_three_convs_kernels_train_like_torch_batchnorm(device, fast_plans):
     """With the fast interpreter plans `bnbench train` uses without CUDA (the LeNet test below
     keeps the GPU plans)."""
-    import kernels._layout
-
-    monkeypatch.setattr(kernels._layout, "_fast_interpreter_plans", True)
     data = T.load_digits_split(32, train_size=10, test_size=20)  # one step per epoch
     ref_loss = _check_parity("three_convs", "kernels_two_pass", data, 2, device)
     # the 1% tolerance tells BatchNorm from none: without it the losses differ by more
@@ -264,14 +268,13 @@ def test_training_plots_mark_points_and_use_no_offset():
     plt.close(fig)
 
 
-def test_distributed_training_matches_one_process(device, monkeypatch):
+def test_distributed_training_matches_one_process(device, fast_plans):
     """`bnbench train --nproc 2`: seed 000's network over two gloo processes (the batch split
     between them, kernels.SyncBatchNorm under DDP) trains like one process with the whole
     batch: per-epoch losses within 1%, test accuracy within 1 point; and the uneven split of
     a 20-image epoch (batches of 16 and 4: 8/8, then 2/2 per rank) is part of it."""
     from bnbench.train_dist import train_variant_distributed
 
-    monkeypatch.setattr(kernels._layout, "_fast_interpreter_plans", True)
     sizes = dict(train_size=20, test_size=20)
     data = T.load_digits_split(32, **sizes)
     exp = T.EXPERIMENTS["three_convs"]

@@ -163,15 +163,9 @@ def test_index_fix_outcome_on_installed_triton():
 
 def test_kernel_with_runtime_loop_bounds_runs(device):
     """The general path's tile loop (range over run-time bounds): the loop the fix is for."""
-    import kernels._layout
-
     x = torch.randn(3, 5, 17, 13, device=device)
-    old = kernels._layout.SINGLE_LAUNCH_MAX_ELEMS
-    kernels._layout.SINGLE_LAUNCH_MAX_ELEMS = 0
-    try:
+    with kernels.planning(single_launch_max_elems=0):
         y = kernels.batch_norm(x, None, None, training=True)
-    finally:
-        kernels._layout.SINGLE_LAUNCH_MAX_ELEMS = old
     ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
     assert (y.double() - ref).abs().max() < 1e-5
 

@@ -78,11 +78,12 @@ def scenarios():
     aligned fp32 shapes of both paths; and the num_warps configurations autotuning
     may try there.
     """
+    from kernels._common import Epilogue
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 
     def train(shape, dtype, pdtype, cl, stats, affine=True, running=True, cumulative=False,
-              residual=False, relu=False):
+              epilogue=Epilogue.NONE):
         C = shape[1]
         x = _tensor(shape, dtype, cl)
         w = torch.empty(C, dtype=pdtype) if affine else None
@@ -90,20 +91,20 @@ def scenarios():
         rm = torch.empty(C, dtype=pdtype) if running else None
         rv = torch.empty(C, dtype=pdtype) if running else None
         nbt = torch.ones((), dtype=torch.long) if cumulative else None
-        r = _tensor(shape, dtype, cl) if residual else None
-        bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5, stats, r, relu, nbt)
+        r = _tensor(shape, dtype, cl) if epilogue.residual else None
+        bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5, stats, r, epilogue, nbt)
 
-    def evaluate(shape, dtype, pdtype, cl, affine=True, residual=False, relu=False):
+    def evaluate(shape, dtype, pdtype, cl, affine=True, epilogue=Epilogue.NONE):
         C = shape[1]
         x = _tensor(shape, dtype, cl)
         w = torch.empty(C, dtype=pdtype) if affine else None
         b = torch.empty(C, dtype=pdtype) if affine else None
-        r = _tensor(shape, dtype, cl) if residual else None
+        r = _tensor(shape, dtype, cl) if epilogue.residual else None
         bn_forward_eval(x, w, b, torch.empty(C, dtype=pdtype), torch.empty(C, dtype=pdtype),
-                        1e-5, r, relu)
+                        1e-5, r, epilogue)
 
-    def backward(shape, dtype, pdtype, cl, training=True, affine=True, residual=False,
-                 relu=False, need=(True, True, True, True)):
+    def backward(shape, dtype, pdtype, cl, training=True, affine=True, epilogue=Epilogue.NONE,
+                 need=(True, True, True, True)):
         C = shape[1]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         x = _tensor(shape, dtype, cl)
@@ -111,8 +112,8 @@ def scenarios():
         b = torch.empty(C, dtype=pdtype) if affine else None
         bn_backward(_tensor(shape, dtype, cl), x, _tensor(shape, dtype, cl), w, b,
                     torch.empty(C, dtype=acc), torch.empty(C, dtype=acc), training=training,
-                    relu=relu, has_residual=residual, need_dx=need[0], need_dweight=need[1],
-                    residual=_tensor(shape, dtype, cl) if residual else None,
+                    epilogue=epilogue, need_dx=need[0], need_dweight=need[1],
+                    residual=_tensor(shape, dtype, cl) if epilogue.residual else None,
                     need_dbias=need[2], need_dresidual=need[3])
 
     # general path (aligned: 16-byte vectors possible; unaligned 7x7) and single-launch path
@@ -138,16 +139,21 @@ def scenarios():
     f32 = torch.float32
     train_flags = {
         "no affine": dict(affine=False), "no running stats": dict(running=False),
-        "cumulative": dict(cumulative=True), "relu": dict(relu=True),
-        "residual": dict(residual=True), "residual+relu": dict(residual=True, relu=True),
-        "silu": dict(relu="silu"), "residual+silu": dict(residual=True, relu="silu"),
+        "cumulative": dict(cumulative=True), "relu": dict(epilogue=Epilogue.RELU),
+        "residual": dict(epilogue=Epilogue.RESIDUAL),
+        "residual+relu": dict(epilogue=Epilogue.RESIDUAL_RELU),
+        "silu": dict(epilogue=Epilogue.SILU),
+        "residual+silu": dict(epilogue=Epilogue.RESIDUAL_SILU),
     }
     bwd_flags = {
         "eval stats": dict(training=False), "no affine": dict(affine=False),
-        "relu": dict(relu=True), "residual+relu": dict(residual=True, relu=True),
-        "residual": dict(residual=True), "no dx": dict(need=(False, True, True, False)),
-        "silu": dict(relu="silu"), "residual+silu": dict(residual=True, relu="silu"),
-        "eval silu": dict(training=False, relu="silu"),
+        "relu": dict(epilogue=Epilogue.RELU),
+        "residual+relu": dict(epilogue=Epilogue.RESIDUAL_RELU),
+        "residual": dict(epilogue=Epilogue.RESIDUAL),
+        "no dx": dict(need=(False, True, True, False)),
+        "silu": dict(epilogue=Epilogue.SILU),
+        "residual+silu": dict(epilogue=Epilogue.RESIDUAL_SILU),
+        "eval silu": dict(training=False, epilogue=Epilogue.SILU),
         "eval dx only": dict(training=False, need=(True, False, False, False)),
     }
     for shape in (general, single_launch):
@@ -159,10 +165,11 @@ def scenarios():
             for name, kw in bwd_flags.items():
                 out.append((f"backward {name} {tag}", lambda kw=kw, cl=cl, shape=shape:
                             backward(shape, f32, f32, cl, **kw)))
-        for name, kw in (("no affine", dict(affine=False)), ("relu", dict(relu=True)),
-                         ("residual+relu", dict(residual=True, relu=True)),
-                         ("silu", dict(relu="silu")),
-                         ("residual+silu", dict(residual=True, relu="silu"))):
+        for name, kw in (("no affine", dict(affine=False)),
+                         ("relu", dict(epilogue=Epilogue.RELU)),
+                         ("residual+relu", dict(epilogue=Epilogue.RESIDUAL_RELU)),
+                         ("silu", dict(epilogue=Epilogue.SILU)),
+                         ("residual+silu", dict(epilogue=Epilogue.RESIDUAL_SILU))):
             out.append((f"eval {name} {shape} nchw fp32",
                         lambda kw=kw, shape=shape: evaluate(shape, f32, f32, False, **kw)))
         # the num_warps an autotuned launch may try (kernels._tuning)

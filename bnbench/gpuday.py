@@ -368,6 +368,7 @@ def sweep_launches(cases):
     import torch
 
     from kernels._triton_internals import record_launches
+    from kernels import Epilogue
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 
@@ -388,19 +389,20 @@ def sweep_launches(cases):
             x = torch.empty((case.N, case.C, case.H, case.W), device="meta", dtype=dt)
             return x.to(memory_format=torch.channels_last) if case.layout == "nhwc" else x
         vec = torch.empty(case.C, device="meta", dtype=torch.float32)
-        r = t() if case.residual else None
-        act = "relu" if case.relu else None
+        epilogue = Epilogue(case.fusion)
+        r = t() if epilogue.residual else None
         calls = []
         if case.mode == "eval":
-            calls.append(lambda: bn_forward_eval(t(), vec, vec, vec, vec, 1e-5, r, act))
+            calls.append(lambda: bn_forward_eval(t(), vec, vec, vec, vec, 1e-5, r, epilogue))
         else:
             for stats in ("single_pass", "two_pass"):
                 calls.append(lambda s=stats: bn_forward_train(t(), vec, vec, vec, vec, 0.1,
-                                                              1e-5, s, r, act))
+                                                              1e-5, s, r, epilogue))
             if case.mode == "train_fwd_bwd":
                 calls.append(lambda: bn_backward(
-                    t(), t(), t() if act else None, vec, vec, vec, vec, training=True,
-                    activation=act, has_residual=r is not None, need_dresidual=r is not None))
+                    t(), t(), t() if epilogue.activation != "none" else None, vec, vec, vec,
+                    vec, training=True, epilogue=epilogue, residual=r,
+                    need_dresidual=r is not None))
         for call in calls:
             with record_launches(case.describe()) as got:
                 call()

@@ -109,34 +109,34 @@ def _inputs(shape, dtype, channels_last, residual):
 
 def measure(op, stats, shape, dtype, channels_last, fusion):
     """Count one op; returns the row of the traffic table."""
+    from kernels import Epilogue
     from kernels.backward import bn_backward
     from kernels.forward import bn_forward_eval, bn_forward_train
 
-    act = fusion.split("+")[-1] if fusion not in (None, "residual") else None
-    residual = fusion is not None and "res" in fusion
+    epilogue = Epilogue(fusion or "none")
+    residual = epilogue.residual
     t = _inputs(shape, dtype, channels_last, residual)
     counter = Counter()
     if op == "train_fwd":
         with counter.hooked():
             y, _, _ = bn_forward_train(t["x"], t["w"], t["b"], t["rm"], t["rv"], 0.1, 1e-5, stats,
-                                       t["r"], act)
+                                       t["r"], epilogue)
         big = [t["x"], t["r"], y]
         minimum = 2 + residual
     elif op == "eval":
         with counter.hooked():
-            y = bn_forward_eval(t["x"], t["w"], t["b"], t["rm"], t["rv"], 1e-5, t["r"], act)
+            y = bn_forward_eval(t["x"], t["w"], t["b"], t["rm"], t["rv"], 1e-5, t["r"], epilogue)
         big = [t["x"], t["r"], y]
         minimum = 2 + residual
     else:
         y, mean, rstd = bn_forward_train(t["x"], t["w"], t["b"], None, None, 0.1, 1e-5, stats,
-                                         t["r"], act)
+                                         t["r"], epilogue)
         with counter.hooked():
             dx, _, _, dres = bn_backward(t["dy"], t["x"], y, t["w"], t["b"], mean, rstd,
-                                         training=True, activation=act, has_residual=residual,
-                                         residual=t["r"])
+                                         training=True, epilogue=epilogue, residual=t["r"])
         big = [t["x"], t["dy"], y, t["r"], dx, dres]
         # after a residual, the activation's gradient needs y (relu's mask) or r (silu's z)
-        minimum = 3 + residual + (act is not None and residual)
+        minimum = 3 + residual + (epilogue.activation != "none" and residual)
     read, written, per_channel = counter.split(big)
     numel = t["x"].numel()
     elem = t["x"].element_size()

@@ -14,22 +14,27 @@ Public API:
     set_interpreter_plans(fast): few programs and large tiles for interpreted (CPU) launches
     planning(policy=None, **overrides): a context with a PlanPolicy (GPU_PLANS,
         FAST_INTERPRETER_PLANS, or fields replaced) for the launch plans made in it
+    Epilogue: the residual add and activation after the affine step, one value from the
+        API to the kernels (Epilogue.of(residual, activation), .value "residual+relu"...)
+    torch_batch_norm(...): PyTorch's batch norm with the same epilogue (the CPU fallback,
+        and the float64 reference)
 
 On CPU the kernels run through Triton's interpreter when TRITON_INTERPRET=1 is set
 before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
 """
 
+from ._common import Epilogue
 from .fold import BatchNormInference, FoldRecord, FoldReport, fold_batchnorm, fold_conv_bn
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ConversionRecord, ConversionReport,
                       convert_batchnorm)
 from ._plan import (FAST_INTERPRETER_PLANS, GPU_PLANS, PlanPolicy, planning,
                     set_interpreter_plans)
 from ._tuning import set_autotune
-from .ops import INTERPRETED, batch_norm, uses_triton
+from .ops import INTERPRETED, batch_norm, torch_batch_norm, uses_triton
 from .sync import SyncBatchNorm, sync_batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "sync_batch_norm",
-           "ConversionRecord",
+           "ConversionRecord", "Epilogue", "torch_batch_norm",
            "ConversionReport", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
            "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord",
            "planning", "PlanPolicy", "GPU_PLANS", "FAST_INTERPRETER_PLANS",

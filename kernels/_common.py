@@ -18,29 +18,68 @@ The helpers below hide that difference, so each kernel body is written once.
 Row offsets are computed in int64: ``N*C*H*W`` may pass 2**31.
 """
 
+import enum
+
 import triton
 import triton.language as tl
 
-# Values of the ACTIVATION constexpr: the epilogue applied to z = x_hat * w + b [+ residual].
+# Values of the ACTIVATION constexpr: the activation applied to z = x_hat * w + b [+ residual].
 ACT_NONE = tl.constexpr(0)  # y = z
 ACT_RELU = tl.constexpr(1)  # y = max(z, 0)
 ACT_SILU = tl.constexpr(2)  # y = z * sigmoid(z)
-ACTIVATION_CODES = {None: ACT_NONE.value, "none": ACT_NONE.value, "relu": ACT_RELU.value,
-                    "silu": ACT_SILU.value}
 
 
-def activation_code(activation):
-    """The ACTIVATION constexpr value for None, "none", "relu" or "silu".
+class Epilogue(enum.Enum):
+    """What follows the affine step z = x_hat * w + b: an optional residual add, then an
+    optional activation.  One value from the public API (which builds it with
+    :meth:`of`) through the custom ops (which carry ``.value``, the name users and CSVs
+    see) to the kernels' ``HAS_RESIDUAL`` (``.residual``) and ``ACTIVATION``
+    (``.ACTIVATION``) constexprs."""
 
-    A bool is accepted too (True is "relu", False None): the host functions' older
-    ``relu`` flag, which kernels.aot's scenarios still pass.
-    """
-    if activation is True or activation is False:
-        activation = "relu" if activation else None
-    try:
-        return ACTIVATION_CODES[activation]
-    except (KeyError, TypeError):
-        raise ValueError(f"activation must be None, 'relu' or 'silu', got {activation!r}") from None
+    NONE = "none"
+    RELU = "relu"
+    SILU = "silu"
+    RESIDUAL = "residual"
+    RESIDUAL_RELU = "residual+relu"
+    RESIDUAL_SILU = "residual+silu"
+
+    def __str__(self):
+        return self.value
+
+    @property
+    def residual(self):
+        """True when a residual is added before the activation."""
+        return self.value.startswith("residual")
+
+    @property
+    def activation(self):
+        """"none", "relu" or "silu"."""
+        act = self.value.split("+")[-1]
+        return "none" if act == "residual" else act
+
+    @property
+    def ACTIVATION(self):
+        """The value of the kernels' ACTIVATION constexpr (ACT_NONE, ACT_RELU or ACT_SILU)."""
+        return {"none": ACT_NONE, "relu": ACT_RELU, "silu": ACT_SILU}[self.activation].value
+
+    @classmethod
+    def of(cls, residual, activation=None):
+        """The epilogue adding a residual (when `residual` is true) then applying
+        `activation`: None or "none", "relu", "silu"; a bool is read as the older relu
+        flag (True "relu", False none).  An unknown activation raises ValueError."""
+        if activation is True or activation is False:
+            activation = "relu" if activation else "none"
+        elif activation is None:
+            activation = "none"
+        key = (bool(residual), activation) if isinstance(activation, str) else None
+        if key not in _EPILOGUES:
+            raise ValueError(
+                f"activation must be None, 'relu' or 'silu', got {activation!r}")
+        return _EPILOGUES[key]
+
+
+# (residual, activation) -> Epilogue, for Epilogue.of (a dict lookup: torch.compile traces it)
+_EPILOGUES = {(e.residual, e.activation): e for e in Epilogue}
 
 
 @triton.jit

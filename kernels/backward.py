@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ACT_NONE, ACT_RELU, ACT_SILU, _activation_grad, _bcast, _channels, _load_channel, _merge_sums,
-    _offsets, _per_channel, _tile, activation_code,
+    ACT_NONE, ACT_RELU, Epilogue, _activation_grad, _bcast, _channels, _load_channel,
+    _merge_sums, _offsets, _per_channel, _tile,
 )
 from ._layout import choose_layout, empty_output, strides, to_layout
 from ._plan import plan
@@ -263,24 +263,23 @@ def _bn_bwd_single_launch_kernel(
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None, relu=False,
-                has_residual=False, residual=None, need_dx=True, need_dweight=True,
-                need_dbias=True, need_dresidual=True, sums_hook=None):
+def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, epilogue=Epilogue.NONE,
+                residual=None, need_dx=True, need_dweight=True, need_dbias=True,
+                need_dresidual=True, sums_hook=None):
     """Gradients of :func:`kernels.forward.bn_forward_train` / ``bn_forward_eval``.
 
     Args:
         dy: grad of the output, shape of x (any strides: copied if they do not fit x's path).
         x: the forward's input.
-        y: the forward's output; read only for the ReLU mask when a residual was added
-            (may be None otherwise).
+        y: the forward's output; read only for the ReLU mask after a residual
+            (Epilogue.RESIDUAL_RELU; may be None otherwise).
         weight, bias: (C,) tensors or None.
         mean, rstd: (C,) statistics the forward normalised with (batch or running).
         training: the statistics were the batch's (adds their gradient terms to dx).
-        activation: None, "relu" or "silu": the forward's fused activation.
-        relu: the older bool flag (True = activation "relu"), used when activation is None.
-        has_residual: the forward added a residual.
-        residual: that residual; needed (read once more) for "silu" with a residual,
-            where z = x_hat * w + b + residual is recomputed.  Else unused (may be None).
+        epilogue: the forward's Epilogue (its residual add and activation).
+        residual: the forward's residual; needed (read once more) for
+            Epilogue.RESIDUAL_SILU, where z = x_hat * w + b + residual is recomputed.
+            Else unused (may be None; must be None when the epilogue has no residual).
         need_*: which gradients to compute; the others are returned as None.
         sums_hook: for the synchronised op (kernels.sync): called as
             ``sums_hook(part_g, part_gx)`` with this process's [split, C] partials of
@@ -291,14 +290,18 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None
     Returns:
         (dx, dweight, dbias, dresidual).
     """
-    act = activation_code(activation if activation is not None else relu)
-    if act == ACT_RELU.value and has_residual and y is None:
+    if not isinstance(epilogue, Epilogue):
+        raise TypeError(f"bn_backward: epilogue must be a kernels.Epilogue, got {epilogue!r}")
+    if residual is not None and not epilogue.residual:
+        raise ValueError(f"bn_backward: the epilogue {epilogue.value!r} adds no residual, but "
+                         f"a residual tensor was given")
+    if epilogue is Epilogue.RESIDUAL_RELU and y is None:
         raise ValueError("bn_backward: ReLU with a residual needs the forward's output y")
-    if act == ACT_SILU.value and has_residual and residual is None:
+    if epilogue is Epilogue.RESIDUAL_SILU and residual is None:
         raise ValueError("bn_backward: SiLU with a residual needs the residual (to recompute z)")
     C = x.shape[1]
     dx = empty_output(x) if need_dx else None
-    dres = empty_output(x) if (has_residual and need_dresidual) else None
+    dres = empty_output(x) if (epilogue.residual and need_dresidual) else None
     need_dweight = need_dweight and weight is not None
     need_dbias = need_dbias and bias is not None
     dw = torch.empty_like(weight) if need_dweight else None
@@ -310,15 +313,15 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, activation=None
 
     x, channels_last = choose_layout(x)
     dy = to_layout(dy, channels_last)
-    y = to_layout(y, channels_last) if (act == ACT_RELU.value and has_residual) else None
-    r = (to_layout(residual, channels_last) if (act == ACT_SILU.value and has_residual)
-         else None)
+    y = to_layout(y, channels_last) if epilogue is Epilogue.RESIDUAL_RELU else None
+    r = to_layout(residual, channels_last) if epilogue is Epilogue.RESIDUAL_SILU else None
     p = plan(x, channels_last, single_launch=sums_hook is None)
     acc = acc_dtype(x.dtype)
     need_sums = training or need_dweight or need_dbias or sums_hook is not None
     part_g = part_gx = None
-    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACTIVATION=act,
-                  HAS_RESIDUAL=has_residual, ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
+    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                  ACTIVATION=epilogue.ACTIVATION, HAS_RESIDUAL=epilogue.residual,
+                  ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
                   BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL)
     y_strides = strides(y, channels_last) if y is not None else (0, 0)
     r_strides = strides(r, channels_last) if r is not None else (0, 0)

@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _activate, _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums,
-    _merge_welford, _offsets, _per_channel, _per_channel_zero, _pivot, _tile, activation_code,
+    Epilogue, _activate, _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums,
+    _merge_welford, _offsets, _per_channel, _per_channel_zero, _pivot, _tile,
 )
 from ._layout import choose_layout, empty_output, strides, to_layout
 from ._plan import plan
@@ -331,10 +331,11 @@ def _normalize(x_centred, scale, b, res_ptr, offs_r, mask, HAS_RESIDUAL: tl.cons
 
 
 def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var, saved,
-                  p, momentum, eps, source, update_running, activation, channels_last,
+                  p, momentum, eps, source, update_running, epilogue, channels_last,
                   num_batches_tracked=None):
     """Launch the normalising kernel over plan `p` (x, y, residual already fit the layout);
-    `source` is the SOURCE constexpr's value (FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD)."""
+    `source` is the SOURCE constexpr's value (FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD),
+    `epilogue` an Epilogue checked against `residual` by the caller."""
     count_buf, part_a, part_b = parts
     save_mean, save_rstd = saved
     res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
@@ -348,10 +349,22 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
         *strides(x, channels_last), *strides(y, channels_last), *res_strides,
         SOURCE=source, UPDATE_RUNNING=update_running, CUMULATIVE=num_batches_tracked is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, ACTIVATION=activation_code(activation),
+        HAS_RESIDUAL=epilogue.residual, ACTIVATION=epilogue.ACTIVATION,
         ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
         BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
     )
+
+
+def check_epilogue(epilogue, residual, where):
+    """Raise unless `epilogue` is an Epilogue whose residual agrees with `residual` (the
+    residual tensor or None): early, before any launch."""
+    if not isinstance(epilogue, Epilogue):
+        raise TypeError(f"{where}: epilogue must be a kernels.Epilogue, got {epilogue!r}")
+    if epilogue.residual != (residual is not None):
+        raise ValueError(
+            f"{where}: the epilogue {epilogue.value!r} "
+            + ("adds a residual, but no residual tensor was given" if epilogue.residual
+               else "adds no residual, but a residual tensor was given"))
 
 
 def launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b, count=None):
@@ -370,7 +383,7 @@ def launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b, count=No
 
 
 def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                     stats="single_pass", residual=None, activation=None,
+                     stats="single_pass", residual=None, epilogue=Epilogue.NONE,
                      num_batches_tracked=None):
     """BatchNorm forward with batch statistics.
 
@@ -383,9 +396,11 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         eps: added to the variance.
         stats: "single_pass" (Welford/Chan, x read twice) or "two_pass" (x read 3 times);
             on the single-launch path (kernels._layout), both read x once.
-        residual: tensor of x's shape added before the activation, or None.
-        activation: None, "relu" or "silu" (z * sigmoid(z)), applied after the affine
-            step and the residual add (True/False are read as "relu"/None).
+        residual: tensor of x's shape added before the activation; given exactly when
+            the epilogue has a residual.
+        epilogue: the Epilogue applied after the affine step: the residual add (when
+            ``epilogue.residual``), then ``epilogue.activation`` ("none", "relu" or
+            "silu", z * sigmoid(z)).
         num_batches_tracked: for momentum=None, the batch counter (already
             incremented): the running stats become cumulative averages,
             momentum = 1 / num_batches_tracked, read on the device.
@@ -394,7 +409,7 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         (y, save_mean, save_rstd): y like x; mean and 1/sqrt(var+eps) as (C,)
         float32 (float64 for float64 x).
     """
-    act = activation_code(activation)  # fails early on an unknown activation
+    check_epilogue(epilogue, residual, "bn_forward_train")
     y = empty_output(x)
     C = x.shape[1]
     acc = acc_dtype(x.dtype)
@@ -415,7 +430,8 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
             float(eps), *strides(x, channels_last), *strides(y, channels_last), *res_strides,
             WELFORD=stats == "single_pass", UPDATE_RUNNING=running_mean is not None,
             CUMULATIVE=num_batches_tracked is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=act,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=epilogue.residual,
+            ACTIVATION=epilogue.ACTIVATION,
             ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
             BLOCK_COL=p.BLOCK_COL, **opts,
         )
@@ -432,19 +448,19 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         x, y, residual, weight, bias, (count_buf, part_a, part_b),
         running_mean, running_var, (save_mean, save_rstd), p, momentum, eps,
         (FROM_WELFORD if stats == "single_pass" else FROM_TWO_PASS).value,
-        running_mean is not None, activation, channels_last, num_batches_tracked,
+        running_mean is not None, epilogue, channels_last, num_batches_tracked,
     )
     return y, save_mean, save_rstd
 
 
 def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None,
-                    activation=None):
+                    epilogue=Epilogue.NONE):
     """BatchNorm forward with fixed statistics: y = act((x - mean) * w / sqrt(var + eps) + b [+ r]).
 
     One launch: x read once, y written once.  Args as :func:`bn_forward_train`;
     running_mean and running_var are read, not updated.
     """
-    activation_code(activation)  # fails early on an unknown activation
+    check_epilogue(epilogue, residual, "bn_forward_eval")
     y = empty_output(x)
     if x.numel() == 0:
         return y
@@ -454,6 +470,6 @@ def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=No
     _launch_apply(
         x, y, residual, weight, bias, (None, None, None),
         running_mean, running_var, (None, None), p, 0.0, eps, FROM_RUNNING.value, False,
-        activation, channels_last,
+        epilogue, channels_last,
     )
     return y

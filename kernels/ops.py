@@ -9,6 +9,11 @@ them as ops (no graph break) and never trace into Triton:
 * ``bnbench::batch_norm_backward``: (dx, dweight, dbias, dresidual); gradients
   that were not asked for come back as empty tensors.
 
+Each carries the epilogue (residual add, activation) as ``str epilogue``, a
+:class:`kernels.Epilogue` value ("none", "relu", "residual+silu", ...): the public API
+builds the Epilogue once (``Epilogue.of(residual is not None, activation)``) and the ops
+hand it to the host functions.
+
 A mutating op cannot carry an autograd formula in ``torch.library``, so the
 autograd rule is a ``torch.autograd.Function`` around them (Dynamo traces it into
 the graph), written in the ``setup_context`` style so that ``torch.func`` transforms
@@ -39,6 +44,7 @@ from torch import Tensor
 
 from . import _triton_internals
 from . import forward as _fwd
+from ._common import Epilogue
 from ._layout import empty_output
 from .backward import bn_backward
 from .forward import STATS_MODES, acc_dtype, bn_forward_eval, bn_forward_train
@@ -77,20 +83,15 @@ def _write_back(dst, src):
 # ---------------------------------------------------------------------------------------------
 # torch.library ops
 
-def _act(activation):
-    """The custom ops' activation string: "none" for None."""
-    return "none" if activation is None else activation
-
-
 @torch.library.custom_op("bnbench::batch_norm_train", mutates_args=("running_mean", "running_var"))
 def _train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               residual: Optional[Tensor], running_mean: Optional[Tensor],
               running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
               momentum: float, eps: float, stats: str,
-              activation: str) -> tuple[Tensor, Tensor, Tensor]:
+              epilogue: str) -> tuple[Tensor, Tensor, Tensor]:
     rm, rv = _dense(running_mean), _dense(running_var)
     out = bn_forward_train(x, _dense(weight), _dense(bias), rm, rv, momentum, eps, stats,
-                           residual, activation, num_batches_tracked)
+                           residual, Epilogue(epilogue), num_batches_tracked)
     if running_mean is not None:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
@@ -99,7 +100,7 @@ def _train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 @_train_op.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
-      stats, activation):
+      stats, epilogue):
     C = x.shape[1]
     stat = x.new_empty(C, dtype=acc_dtype(x.dtype))
     return empty_output(x), stat, torch.empty_like(stat)
@@ -108,47 +109,46 @@ def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
 @torch.library.custom_op("bnbench::batch_norm_eval", mutates_args=())
 def _eval_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              residual: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
-             eps: float, activation: str) -> Tensor:
+             eps: float, epilogue: str) -> Tensor:
     return bn_forward_eval(x, _dense(weight), _dense(bias), _dense(running_mean),
-                           _dense(running_var), eps, residual, activation)
+                           _dense(running_var), eps, residual, Epilogue(epilogue))
 
 
 @_eval_op.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, eps, activation):
+def _(x, weight, bias, residual, running_mean, running_var, eps, epilogue):
     return empty_output(x)
 
 
 @torch.library.custom_op("bnbench::batch_norm_backward", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor],
                  bias: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
-                 activation: str, has_residual: bool, grad_mask: list[bool],
+                 epilogue: str, grad_mask: list[bool],
                  residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # silu with a residual recomputes z = x_hat * w + b + residual: it reads the residual
+    # residual+silu recomputes z = x_hat * w + b + residual: it reads the residual
     outs = bn_backward(dy, x, y, _dense(weight), _dense(bias), mean, rstd, training=training,
-                       activation=activation, has_residual=has_residual, residual=residual,
+                       epilogue=Epilogue(epilogue), residual=residual,
                        need_dx=grad_mask[0], need_dweight=grad_mask[1],
                        need_dbias=grad_mask[2], need_dresidual=grad_mask[3])
     return tuple(o if o is not None else x.new_empty(0) for o in outs)
 
 
 @_backward_op.register_fake
-def _(dy, x, y, weight, bias, mean, rstd, training, activation, has_residual, grad_mask,
-      residual=None):
+def _(dy, x, y, weight, bias, mean, rstd, training, epilogue, grad_mask, residual=None):
     empty = x.new_empty(0)
     return (
         empty_output(x) if grad_mask[0] else empty,
         torch.empty_like(weight) if grad_mask[1] and weight is not None else empty,
         torch.empty_like(bias) if grad_mask[2] and bias is not None else empty,
-        empty_output(x) if grad_mask[3] and has_residual else x.new_empty(0),
+        empty_output(x) if grad_mask[3] and Epilogue(epilogue).residual else x.new_empty(0),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # the same maths in torch ops: higher-order and forward-mode autograd, and the fallback
 
-def _act_grad(z, activation):
-    """d act(z) / dz."""
-    if activation == "relu":
+def _act_grad(z, epilogue):
+    """d act(z) / dz for the epilogue's activation (relu or silu)."""
+    if epilogue.activation == "relu":
         return (z > 0).to(z.dtype)
     s = torch.sigmoid(z)  # silu
     return s * (1 + z * (1 - s))
@@ -169,7 +169,7 @@ def _axes(x):
     return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
 
 
-def _composite_grads(dy, x, weight, bias, residual, mean, rstd, training, eps, activation):
+def _composite_grads(dy, x, weight, bias, residual, mean, rstd, training, eps, epilogue):
     """(dx, dweight, dbias, dresidual) of batch norm, composed of torch ops.
 
     In training the statistics are recomputed from x here, so that autograd
@@ -185,8 +185,8 @@ def _composite_grads(dy, x, weight, bias, residual, mean, rstd, training, eps, a
         xc, rstd = xf - mean.to(acc).view(shape), rstd.to(acc).view(shape)
     xhat = xc * rstd
     g = dy.to(acc)
-    if activation is not None:
-        g = g * _act_grad(_pre_activation(xhat, weight, bias, residual, shape), activation)
+    if epilogue.activation != "none":
+        g = g * _act_grad(_pre_activation(xhat, weight, bias, residual, shape), epilogue)
     gw = g if weight is None else g * weight.to(acc).view(shape)
     if training:
         dx = rstd * (gw - gw.mean(red, keepdim=True) - xhat * (gw * xhat).mean(red, keepdim=True))
@@ -198,7 +198,7 @@ def _composite_grads(dy, x, weight, bias, residual, mean, rstd, training, eps, a
     return dx.to(x.dtype), dweight, dbias, dres
 
 
-def _composite_jvp(x, weight, bias, residual, mean, rstd, tx, tw, tb, tr, training, activation):
+def _composite_jvp(x, weight, bias, residual, mean, rstd, tx, tw, tb, tr, training, epilogue):
     """The tangent of y for tangents (tx, tw, tb, tr) of (x, weight, bias, residual)."""
     red, shape = _axes(x)
     acc = acc_dtype(x.dtype)
@@ -218,20 +218,25 @@ def _composite_jvp(x, weight, bias, residual, mean, rstd, tx, tw, tb, tr, traini
         dz = dz + tb.to(acc).view(shape)
     if tr is not None:
         dz = dz + tr.to(acc)
-    if activation is not None:
-        dz = dz * _act_grad(_pre_activation(xhat, weight, bias, residual, shape), activation)
+    if epilogue.activation != "none":
+        dz = dz * _act_grad(_pre_activation(xhat, weight, bias, residual, shape), epilogue)
     return dz.to(x.dtype)
 
 
-def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                      residual, activation):
-    """PyTorch's own batch norm with the same fusions: the CPU fallback, and the ONNX path."""
+def torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     residual=None, activation=None):
+    """PyTorch's own batch norm followed by the same epilogue in torch ops (not in place):
+    act(F.batch_norm(...) [+ residual]), updating the running stats as F.batch_norm does.
+
+    The CPU fallback, the path ONNX export and torch.jit.trace record, and the reference
+    the tests compare with (on float64 inputs).  `activation`: None, "relu" or "silu"."""
+    epilogue = Epilogue.of(residual is not None, activation)
     y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if residual is not None:
+    if epilogue.residual:
         y = y + residual
-    if activation == "relu":
+    if epilogue.activation == "relu":
         y = torch.relu(y)
-    elif activation == "silu":
+    elif epilogue.activation == "silu":
         y = F.silu(y)
     return y
 
@@ -253,14 +258,13 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                training, momentum, eps, stats, activation):
-        act = _act(activation)
+                training, momentum, eps, stats, epilogue):
         if training:
             return torch.ops.bnbench.batch_norm_train(
                 x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                momentum, eps, stats, act)
+                momentum, eps, stats, epilogue.value)
         y = torch.ops.bnbench.batch_norm_eval(
-            x, weight, bias, residual, running_mean, running_var, eps, act)
+            x, weight, bias, residual, running_mean, running_var, eps, epilogue.value)
         # backward needs the statistics the forward used: the running ones
         acc = acc_dtype(x.dtype)
         mean = running_mean.to(acc, copy=True)
@@ -269,39 +273,38 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, residual, _, _, _, training, _, eps, _, activation = inputs
+        x, weight, bias, residual, _, _, _, training, _, eps, _, epilogue = inputs
         y, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         # the Triton backward reads y for relu(bn(x) + r); it recomputes the rest
-        y_saved = y if (activation == "relu" and residual is not None) else None
+        y_saved = y if epilogue is Epilogue.RESIDUAL_RELU else None
         ctx.save_for_backward(x, y_saved, weight, bias, residual, mean, rstd)
         ctx.save_for_forward(x, weight, bias, residual, mean, rstd)
-        ctx.flags = (training, eps, activation)
+        ctx.flags = (training, eps, epilogue)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
         x, y, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        training, eps, activation = ctx.flags
+        training, eps, epilogue = ctx.flags
         need = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled() or _has_tangent((dy, x, weight, bias, residual)):
             # create_graph=True (double backward, torch.func) or forward-over-reverse:
             # torch ops that autograd can differentiate again
             grads = _composite_grads(dy, x, weight, bias, residual, mean, rstd, training, eps,
-                                     activation)
+                                     epilogue)
         else:
-            has_residual = residual is not None
             grad_mask = [need[0], need[1] and weight is not None,
-                         need[2] and bias is not None, has_residual and need[3]]
+                         need[2] and bias is not None, epilogue.residual and need[3]]
             grads = torch.ops.bnbench.batch_norm_backward(
-                dy, x, y, weight, bias, mean, rstd, training, _act(activation), has_residual,
-                grad_mask, residual if activation == "silu" else None)
+                dy, x, y, weight, bias, mean, rstd, training, epilogue.value, grad_mask,
+                residual if epilogue is Epilogue.RESIDUAL_SILU else None)
             grads = [g if m else None for g, m in zip(grads, grad_mask)]
         grads = [g if n else None for g, n in zip(grads, need)]
         return (*grads, None, None, None, None, None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, residual, running_mean, running_var,
-             num_batches_tracked, training, momentum, eps, stats, activation):
+             num_batches_tracked, training, momentum, eps, stats, epilogue):
         """vmap over dim B: (B, N, C, *) becomes (N, B*C, *), one launch for every sample."""
         B = info.batch_size
         x_d, w_d, b_d, r_d, rm_d, rv_d, nbt_d = in_dims[:7]
@@ -328,7 +331,7 @@ class _BatchNormFunction(torch.autograd.Function):
         y, mean, rstd = _BatchNormFunctionEager.apply(
             xs, fold_c(weight, w_d), fold_c(bias, b_d),
             None if residual is None else fold_x(residual, r_d), rm, rv, num_batches_tracked,
-            training, momentum, eps, stats, activation)
+            training, momentum, eps, stats, epilogue)
         if training and running_mean is not None:  # the folded stats may be copies
             _write_back(running_mean.movedim(rm_d, 0), rm.view(B, -1))
             _write_back(running_var.movedim(rv_d, 0), rv.view(B, -1))
@@ -343,9 +346,9 @@ class _BatchNormFunctionEager(_BatchNormFunction):
     @staticmethod
     def jvp(ctx, tx, tw, tb, tr, *_):
         x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        training, _, activation = ctx.flags
+        training, _, epilogue = ctx.flags
         ty = _composite_jvp(x, weight, bias, residual, mean, rstd, tx, tw, tb, tr, training,
-                            activation)
+                            epilogue)
         return ty, None, None
 
 
@@ -457,8 +460,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
         # an empty 0-D/1-D input: torch accepts it and has nothing to compute
-        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                 momentum, eps, residual, activation)
+        return torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, residual, activation)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
                           stats, residual, activation, eps)
     if not uses_triton(input) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
@@ -467,9 +470,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         # (a traced Python autograd Function can be neither saved nor exported)
         if num_batches_tracked is not None and training and running_mean is not None:
             momentum = 1.0 / float(num_batches_tracked)
-        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                 momentum, eps, residual, activation)
+        return torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, residual, activation)
     function = _BatchNormFunction if torch.compiler.is_compiling() else _BatchNormFunctionEager
     return function.apply(
         input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-        bool(training), float(momentum), float(eps), stats, activation)[0]
+        bool(training), float(momentum), float(eps), stats,
+        Epilogue.of(residual is not None, activation))[0]

@@ -39,11 +39,12 @@ from torch import Tensor, nn
 
 from ._layout import choose_layout, empty_output
 from ._plan import plan
+from ._common import Epilogue
 from .backward import bn_backward
 from .forward import STATS_CENTRED, STATS_SUM, STATS_WELFORD, acc_dtype, bn_forward_eval, \
     launch_stats
 from .modules import KERNELS_FOR, _BatchNormKernels, convert_tree
-from .ops import _act, _dense, check_batch_norm_args, uses_triton
+from .ops import _dense, check_batch_norm_args, uses_triton
 
 
 def _group(name):
@@ -111,7 +112,7 @@ def _global_stats(x, stats, group):
 def _sync_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    residual: Optional[Tensor], running_mean: Optional[Tensor],
                    running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-                   momentum: float, eps: float, stats: str, activation: str,
+                   momentum: float, eps: float, stats: str, epilogue: str,
                    group: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     N, P, mu, M2, pivot = _global_stats(x, stats, _group(group))
@@ -120,8 +121,8 @@ def _sync_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     scale = rstd if weight is None else rstd * weight.to(acc)
     shift = -(P - pivot + mu) * scale  # the shifted mean, folded into the bias
     shift = shift if bias is None else shift + bias.to(acc)
-    act = None if activation == "none" else activation
-    y = bn_forward_eval(x, _dense(weight), shift, pivot, var, eps, residual, act)
+    y = bn_forward_eval(x, _dense(weight), shift, pivot, var, eps, residual,
+                        Epilogue(epilogue))
     mean = P + mu
     if running_mean is not None:  # global mean and unbiased variance; nothing if N == 0
         m = (momentum if num_batches_tracked is None
@@ -135,7 +136,7 @@ def _sync_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 @_sync_train_op.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
-      stats, activation, group):
+      stats, epilogue, group):
     stat = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
     return empty_output(x), stat, torch.empty_like(stat), torch.empty_like(stat)
 
@@ -143,7 +144,7 @@ def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
 @torch.library.custom_op("bnbench::sync_batch_norm_backward", mutates_args=())
 def _sync_backward_op(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor],
                       bias: Optional[Tensor], residual: Optional[Tensor], mean: Tensor,
-                      rstd: Tensor, count: Tensor, activation: str, group: str,
+                      rstd: Tensor, count: Tensor, epilogue: str, group: str,
                       grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     pg = _group(group)
 
@@ -164,8 +165,7 @@ def _sync_backward_op(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Option
                 torch.empty_like(x) if grad_mask[3] and residual is not None else None)
     else:
         outs = bn_backward(dy, x, y, _dense(weight), _dense(bias), mean, rstd, training=True,
-                           activation=None if activation == "none" else activation,
-                           has_residual=residual is not None, residual=residual,
+                           epilogue=Epilogue(epilogue), residual=residual,
                            need_dx=grad_mask[0], need_dweight=grad_mask[1],
                            need_dbias=grad_mask[2], need_dresidual=grad_mask[3],
                            sums_hook=global_sums)
@@ -173,7 +173,7 @@ def _sync_backward_op(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Option
 
 
 @_sync_backward_op.register_fake
-def _(dy, x, y, weight, bias, residual, mean, rstd, count, activation, group, grad_mask):
+def _(dy, x, y, weight, bias, residual, mean, rstd, count, epilogue, group, grad_mask):
     empty = x.new_empty(0)
     return (empty_output(x) if grad_mask[0] else empty,
             torch.empty_like(weight) if grad_mask[1] and weight is not None else empty,
@@ -186,32 +186,32 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                momentum, eps, stats, activation, group):
+                momentum, eps, stats, epilogue, group):
         return torch.ops.bnbench.sync_batch_norm_train(
             x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-            momentum, eps, stats, _act(activation), group)
+            momentum, eps, stats, epilogue.value, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, residual, *_, activation, group = inputs
+        x, weight, bias, residual, *_, epilogue, group = inputs
         y, mean, rstd, count = output
         ctx.mark_non_differentiable(mean, rstd, count)
-        y_saved = y if (activation == "relu" and residual is not None) else None
+        y_saved = y if epilogue is Epilogue.RESIDUAL_RELU else None
         ctx.save_for_backward(x, y_saved, weight, bias, residual, mean, rstd, count)
-        ctx.flags = (activation, group, residual is not None)
+        ctx.flags = (epilogue, group)
 
     @staticmethod
     def backward(ctx, dy, *_):
         x, y, weight, bias, residual, mean, rstd, count = ctx.saved_tensors
-        activation, group, has_residual = ctx.flags
+        epilogue, group = ctx.flags
         need = ctx.needs_input_grad
         # every rank must join the all_reduce, so dx's sums are computed even when x needs
         # no gradient here
         mask = [True, need[1] and weight is not None, need[2] and bias is not None,
-                has_residual and need[3]]
+                epilogue.residual and need[3]]
         grads = torch.ops.bnbench.sync_batch_norm_backward(
             dy, x, y, weight, bias, residual, mean, rstd,
-            count, _act(activation), group, mask)
+            count, epilogue.value, group, mask)
         grads = [g if m and n else None for g, m, n in zip(grads, mask, need)]
         return (*grads, None, None, None, None, None, None, None, None)
 
@@ -225,7 +225,8 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
     group = process_group if process_group is not None else dist.group.WORLD
     return _SyncBatchNormFunction.apply(
         input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-        float(momentum), float(eps), stats, activation, group.group_name)[0]
+        float(momentum), float(eps), stats, Epilogue.of(residual is not None, activation),
+        group.group_name)[0]
 
 
 class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):

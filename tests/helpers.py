@@ -1,7 +1,9 @@
-"""Shared comparison helpers: one tolerance table, a float64 reference, poisoned outputs."""
+"""Shared comparison helpers: one tolerance table, float64 copies, poisoned outputs.
+
+The float64 reference itself is ``kernels.torch_batch_norm`` (torch's batch norm with the
+same epilogue), run on :func:`f64` copies."""
 
 import torch
-import torch.nn.functional as F
 
 # Tolerances against a float64 reference computed from the same (upcast) inputs:
 # |actual - expected| <= atol + rtol * |expected|, elementwise.
@@ -20,17 +22,6 @@ def assert_close(actual, expected, dtype, what):
         actual.detach().double().cpu(), expected.detach().double().cpu(), **TOL[dtype],
         msg=lambda m: f"{what} ({dtype}): {m}",
     )
-
-
-def reference_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                         residual=None, relu=False):
-    """torch's batch norm (float64 CPU inputs), with the same fusions; updates running stats."""
-    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if residual is not None:
-        y = y + residual
-    if relu:
-        y = torch.relu(y)
-    return y
 
 
 def f64(t, requires_grad=False):

@@ -215,10 +215,11 @@ def determinism_and_no_host_sync(rank, world):
         with _NoHostSync() as inner:
             y, mean, rstd, count = kernels.sync._sync_train_op._init_fn(
                 x.detach(), ours.weight.detach(), ours.bias.detach(), r, ours.running_mean,
-                ours.running_var, ours.num_batches_tracked, 0.0, 1e-5, stats, "relu", group)
+                ours.running_var, ours.num_batches_tracked, 0.0, 1e-5, stats, "residual+relu",
+                group)
             kernels.sync._sync_backward_op._init_fn(
                 torch.ones_like(y), x.detach(), y, ours.weight.detach(), ours.bias.detach(),
-                None, mean, rstd, count, "relu", group, [True, True, True, True])
+                None, mean, rstd, count, "residual+relu", group, [True, True, True, True])
         assert any(name.startswith("c10d::") for name in inner.seen), sorted(inner.seen)
 
 

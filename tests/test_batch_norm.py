@@ -8,10 +8,10 @@ supported dtypes; training tests on both the general and the single-launch path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kernels
-from helpers import assert_close, f64, reference_batch_norm
+from helpers import assert_close, f64
+from kernels import torch_batch_norm
 
 SHAPES = [
     pytest.param((3, 5, 17, 13), id="3x5x17x13"),  # odd sizes, masks everywhere
@@ -56,13 +56,6 @@ def make_params(C, dtype, device):
     return w, b, rm, rv
 
 
-def reference(x, rm, rv, w, b, training, momentum, eps, residual, activation):
-    """The float64 reference with the fused activation: None, "relu" or "silu"."""
-    y = reference_batch_norm(x, rm, rv, w, b, training, momentum, eps, residual,
-                             activation == "relu")
-    return F.silu(y) if activation == "silu" else y
-
-
 def check_train_step(x, w, b, rm, rv, stats, momentum=0.1, residual=None, activation=None,
                      param_dtype=None):
     """One training step against the float64 reference: y, dx, dw, db, dres, running stats."""
@@ -71,7 +64,7 @@ def check_train_step(x, w, b, rm, rv, stats, momentum=0.1, residual=None, activa
     ref_rm, ref_rv = f64(rm), f64(rv)
     xr, wr, br = f64(x, True), f64(w, True), f64(b, True)
     rr = f64(residual, True)
-    y_ref = reference(xr, ref_rm, ref_rv, wr, br, True, momentum, 1e-5, rr, activation)
+    y_ref = torch_batch_norm(xr, ref_rm, ref_rv, wr, br, True, momentum, 1e-5, rr, activation)
     x = x.detach().requires_grad_()
     w = w.detach().requires_grad_() if w is not None else None
     b = b.detach().requires_grad_() if b is not None else None
@@ -202,7 +195,7 @@ def test_eval(dtypes, layout, fusion, device):
                 if fusion and "residual" in fusion else None)
     activation = fusion.split("+")[-1] if fusion else None
     xr, wr, br, rr = f64(x, True), f64(w, True), f64(b, True), f64(residual, True)
-    y_ref = reference(xr, f64(rm), f64(rv), wr, br, False, 0.1, 1e-5, rr, activation)
+    y_ref = torch_batch_norm(xr, f64(rm), f64(rv), wr, br, False, 0.1, 1e-5, rr, activation)
     y = kernels.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, residual=residual,
                            activation=activation)
     assert_close(y, y_ref, dtype, "y")
@@ -225,7 +218,7 @@ def test_partial_gradients(stats, device, path):
     w.requires_grad_()
     y = kernels.batch_norm(x, None, None, w, b, True, stats=stats)
     xr, wr = f64(x), f64(w, True)
-    y_ref = reference_batch_norm(xr, None, None, wr, f64(b), True, 0.1, 1e-5)
+    y_ref = torch_batch_norm(xr, None, None, wr, f64(b), True, 0.1, 1e-5)
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(f64(dy))
@@ -304,5 +297,5 @@ def test_fast_interpreter_plans(shape, layout, dtypes, stats, device):
             check_train_step(x, w, b, rm, rv, stats, param_dtype=pdtype)
             x = make_input(shape, layout, dtype, device)
         y = kernels.batch_norm(x, rm, rv, w, b, training=False)
-    y_ref = reference_batch_norm(f64(x), f64(rm), f64(rv), f64(w), f64(b), False, 0.1, 1e-5)
+    y_ref = torch_batch_norm(f64(x), f64(rm), f64(rv), f64(w), f64(b), False, 0.1, 1e-5)
     assert_close(y, y_ref, dtype, "y (eval)")

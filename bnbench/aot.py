@@ -4,8 +4,10 @@ The Triton interpreter runs the kernels' code on CPU but hides compile errors,
 register spills and unvectorised memory access.  This module:
 
 1. runs the host functions on CPU tensors with kernel launches *recorded*, not
-   executed (``kernels._triton_internals.record_launches``), over scenarios that cover every
-   constexpr variant the ops can launch (:func:`scenarios`);
+   executed (``kernels._triton_internals.record_launches``), over the compile list of
+   ``bnbench.registry`` (:func:`bnbench.registry.compile_variants`), whose coverage of
+   every constexpr value, argument dtype and num_warps the full product of the ops' axes
+   reaches is computed (``--coverage``, :func:`bnbench.registry.coverage`);
 2. specialises each recorded launch exactly as a real launch would (Triton's
    own binder: argument types, 16-divisibility and alignment hints;
    ``kernels._triton_internals.bind``);
@@ -31,7 +33,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -63,146 +64,18 @@ class Compiled:
     error: str = ""
 
 
-def _tensor(shape, dtype, channels_last=False):
-    t = torch.empty(shape, dtype=dtype)
-    return t.to(memory_format=torch.channels_last) if channels_last else t
-
-
-def scenarios():
-    """(name, thunk) pairs whose launches cover every kernel variant the ops can launch.
-
-    Both layouts; the general path on an aligned shape (16-byte vectors possible)
-    with every dtype pattern, the single-launch path on an aligned shape with fp32,
-    fp64 and fp16/bf16 input with fp32 parameters, both paths on an unaligned 7x7
-    shape (fp32, bf16 with fp32 parameters); each fusion and option flag on the
-    aligned fp32 shapes of both paths; and the num_warps configurations autotuning
-    may try there.
-    """
-    from kernels._common import Epilogue
-    from kernels.backward import bn_backward
-    from kernels.forward import bn_forward_eval, bn_forward_train
-
-    def train(shape, dtype, pdtype, cl, stats, affine=True, running=True, cumulative=False,
-              epilogue=Epilogue.NONE):
-        C = shape[1]
-        x = _tensor(shape, dtype, cl)
-        w = torch.empty(C, dtype=pdtype) if affine else None
-        b = torch.empty(C, dtype=pdtype) if affine else None
-        rm = torch.empty(C, dtype=pdtype) if running else None
-        rv = torch.empty(C, dtype=pdtype) if running else None
-        nbt = torch.ones((), dtype=torch.long) if cumulative else None
-        r = _tensor(shape, dtype, cl) if epilogue.residual else None
-        bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5, stats, r, epilogue, nbt)
-
-    def evaluate(shape, dtype, pdtype, cl, affine=True, epilogue=Epilogue.NONE):
-        C = shape[1]
-        x = _tensor(shape, dtype, cl)
-        w = torch.empty(C, dtype=pdtype) if affine else None
-        b = torch.empty(C, dtype=pdtype) if affine else None
-        r = _tensor(shape, dtype, cl) if epilogue.residual else None
-        bn_forward_eval(x, w, b, torch.empty(C, dtype=pdtype), torch.empty(C, dtype=pdtype),
-                        1e-5, r, epilogue)
-
-    def backward(shape, dtype, pdtype, cl, training=True, affine=True, epilogue=Epilogue.NONE,
-                 need=(True, True, True, True)):
-        C = shape[1]
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        x = _tensor(shape, dtype, cl)
-        w = torch.empty(C, dtype=pdtype) if affine else None
-        b = torch.empty(C, dtype=pdtype) if affine else None
-        bn_backward(_tensor(shape, dtype, cl), x, _tensor(shape, dtype, cl), w, b,
-                    torch.empty(C, dtype=acc), torch.empty(C, dtype=acc), training=training,
-                    epilogue=epilogue, need_dx=need[0], need_dweight=need[1],
-                    residual=_tensor(shape, dtype, cl) if epilogue.residual else None,
-                    need_dbias=need[2], need_dresidual=need[3])
-
-    # general path (aligned: 16-byte vectors possible; unaligned 7x7) and single-launch path
-    general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
-    single_launch, single_launch_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
-    all_dtypes = [(torch.float32, torch.float32), (torch.float16, torch.float16),
-                  (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                  (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
-    mixed_dtypes = [all_dtypes[0], all_dtypes[3], all_dtypes[4], all_dtypes[5]]
-    out = []
-    for shape, dtypes in ((general, all_dtypes), (single_launch, mixed_dtypes),
-                          (general_7x7, all_dtypes[:1] + all_dtypes[4:5]),
-                          (single_launch_7x7, all_dtypes[:1] + all_dtypes[4:5])):
-        for cl in (False, True):
-            for dtype, pdtype in dtypes:
-                tag = f"{tuple(shape)} {'nhwc' if cl else 'nchw'} {dtype}/{pdtype}"
-                for stats in ("single_pass", "two_pass"):
-                    out.append((f"train {stats} {tag}",
-                                lambda a=(shape, dtype, pdtype, cl, stats): train(*a)))
-                out.append((f"eval {tag}", lambda a=(shape, dtype, pdtype, cl): evaluate(*a)))
-                out.append((f"backward {tag}",
-                            lambda a=(shape, dtype, pdtype, cl): backward(*a)))
-    f32 = torch.float32
-    train_flags = {
-        "no affine": dict(affine=False), "no running stats": dict(running=False),
-        "cumulative": dict(cumulative=True), "relu": dict(epilogue=Epilogue.RELU),
-        "residual": dict(epilogue=Epilogue.RESIDUAL),
-        "residual+relu": dict(epilogue=Epilogue.RESIDUAL_RELU),
-        "silu": dict(epilogue=Epilogue.SILU),
-        "residual+silu": dict(epilogue=Epilogue.RESIDUAL_SILU),
-    }
-    bwd_flags = {
-        "eval stats": dict(training=False), "no affine": dict(affine=False),
-        "relu": dict(epilogue=Epilogue.RELU),
-        "residual+relu": dict(epilogue=Epilogue.RESIDUAL_RELU),
-        "residual": dict(epilogue=Epilogue.RESIDUAL),
-        "no dx": dict(need=(False, True, True, False)),
-        "silu": dict(epilogue=Epilogue.SILU),
-        "residual+silu": dict(epilogue=Epilogue.RESIDUAL_SILU),
-        "eval silu": dict(training=False, epilogue=Epilogue.SILU),
-        "eval dx only": dict(training=False, need=(True, False, False, False)),
-    }
-    for shape in (general, single_launch):
-        for cl in (False, True):
-            tag = f"{shape} {'nhwc' if cl else 'nchw'} fp32"
-            for name, kw in train_flags.items():
-                out.append((f"train single_pass {name} {tag}", lambda kw=kw, cl=cl, shape=shape:
-                            train(shape, f32, f32, cl, "single_pass", **kw)))
-            for name, kw in bwd_flags.items():
-                out.append((f"backward {name} {tag}", lambda kw=kw, cl=cl, shape=shape:
-                            backward(shape, f32, f32, cl, **kw)))
-        for name, kw in (("no affine", dict(affine=False)),
-                         ("relu", dict(epilogue=Epilogue.RELU)),
-                         ("residual+relu", dict(epilogue=Epilogue.RESIDUAL_RELU)),
-                         ("silu", dict(epilogue=Epilogue.SILU)),
-                         ("residual+silu", dict(epilogue=Epilogue.RESIDUAL_SILU))):
-            out.append((f"eval {name} {shape} nchw fp32",
-                        lambda kw=kw, shape=shape: evaluate(shape, f32, f32, False, **kw)))
-        # the num_warps an autotuned launch may try (kernels._tuning)
-        for cl in (False, True):
-            tag = f"{shape} {'nhwc' if cl else 'nchw'} fp32"
-            for stats in ("single_pass", "two_pass"):
-                out.append((f"autotuned train {stats} {tag}", lambda a=(shape, f32, f32, cl, stats):
-                            _autotuned(train, *a)))
-            out.append((f"autotuned backward {tag}", lambda a=(shape, f32, f32, cl):
-                        _autotuned(backward, *a)))
-    return out
-
-
-def _autotuned(fn, *args):
-    from kernels._tuning import autotune_enabled, set_autotune
-
-    was = autotune_enabled()
-    set_autotune(True)
-    try:
-        fn(*args)
-    finally:
-        set_autotune(was)
-
-
 def recorded_launches(match=None):
-    """Every distinct launch of every scenario (distinct by kernel and specialisation);
-    `match`: a regular expression the scenario's name must contain."""
+    """Every distinct launch of the compile list (``bnbench.registry.compile_variants``),
+    distinct by kernel and specialisation; `match`: a regular expression the scenario's
+    name must contain."""
+    from bnbench import registry
+
     launches, seen = [], set()
-    for name, thunk in scenarios():
-        if match and not re.search(match, name):
+    for scenario in registry.compile_variants():
+        if match and not re.search(match, scenario.name):
             continue
-        with record_launches(name) as got:
-            thunk()
+        with record_launches(scenario.name) as got:
+            scenario.launch("empty")
         for launch in got:
             key = (launch.fn.__name__, signature_key(launch))
             if key not in seen:
@@ -295,8 +168,18 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
                         help="compute capability (repeatable; default 80 and 90)")
     parser.add_argument("--match", help="only scenarios whose name matches this regex")
+    parser.add_argument("--coverage", action="store_true",
+                        help="compile nothing: print the features (kernel, constexpr value / "
+                             "argument dtypes / num_warps) the full product of axes reaches "
+                             "and those the compile list misses, as JSON")
     args = parser.parse_args(argv)
     try:
+        if args.coverage:
+            from bnbench import registry
+
+            reached, missed = registry.coverage()
+            json.dump(dict(reached=sorted(reached), missed=sorted(missed)), sys.stdout, indent=1)
+            return 0
         results = compile_all(tuple(args.arch or ARCHS), args.match)
     except TritonInternalsUnavailable as e:
         print(f"unavailable: {e}", file=sys.stderr)

@@ -18,24 +18,15 @@ values.  The first call of kernels.SyncBatchNorm per (C, dtype, group) also exch
 Writes ``comm.csv`` (one row per implementation x phase x world size) and prints the table.
 """
 
-import argparse
 import socket
 import sys
+
+from .arguments import integers
 
 WORLDS = (2, 8, 64)
 METHOD = ("torch.distributed collectives recorded on one rank (gloo, NCCL on a GPU), bytes per "
           "world size computed (ring all_reduce); torch.nn.SyncBatchNorm's from its source")
 CHANNELS = 256
-
-
-def _worlds(text):
-    try:
-        worlds = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        worlds = ()
-    if not worlds or min(worlds) < 2:
-        raise argparse.ArgumentTypeError(f"expected world sizes >= 2 like 2,8,64, got {text!r}")
-    return worlds
 
 
 def _record(dist):
@@ -166,6 +157,7 @@ def add_parser(subparsers):
         "comm", help="collectives and bytes per rank of kernels.SyncBatchNorm vs torch's",
         description=__doc__.split("\n\n")[0])
     p.add_argument("--channels", type=int, default=CHANNELS, help=f"C (default {CHANNELS})")
-    p.add_argument("--worlds", type=_worlds, default=WORLDS, help="world sizes, default 2,8,64")
+    p.add_argument("--worlds", type=integers("world sizes", "2,8,64", minimum=2), default=WORLDS,
+                   help="world sizes, default 2,8,64")
     p.add_argument("--out", default="results", help="folder for comm.csv (default results)")
     p.set_defaults(func=run_command)

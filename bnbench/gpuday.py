@@ -12,8 +12,8 @@ into DIR as it is made, so a run cut short keeps all it did. Stages, in order:
    on-disk cache, with registers, spills and vector widths on this GPU's architecture;
    the later launches then load the compiled kernels instead of compiling one by one.
 3. ``correctness.csv``: every kernel variant at least once (the constexpr modes of
-   ``bnbench.aot.scenarios``: paths, layouts, dtype patterns, statistics modes, flags,
-   fusions, autotuning), compiled, against a float64 reference; one row per check,
+   ``bnbench.registry``'s compile list: paths, layouts, dtype patterns, statistics modes,
+   options, epilogues, autotuning), compiled, against a float64 reference; one row per check,
    written as it is done; ``coverage`` lines at the end say which variants ran.
 4. ``gpu_day.csv`` (+ ``_throughput.png``, ``_speedup.png``, ``_error.png``): the
    prioritised ``bnbench run`` sweep (the same runner, columns and plots), in tiers:
@@ -58,7 +58,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 _T0 = time.monotonic()  # the budget's clock starts when the CLI imports this module
@@ -172,59 +172,53 @@ class Check:
 
 
 def checks():
-    """The correctness checks: the launches of ``bnbench.aot.scenarios`` through the public
-    API (the same shapes, so the same compiled variants), plus SiLU."""
-    general, general_7x7 = (32, 64, 56, 56), (64, 256, 7, 7)
-    single_launch, single_launch_7x7 = (8, 128, 8, 8), (8, 256, 7, 7)
-    all_dtypes = [("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"),
-                  ("float16", "float32"), ("bfloat16", "float32"), ("float64", "float64")]
-    mixed = [all_dtypes[i] for i in (0, 3, 4, 5)]
-    out = []
-    for shape, dtypes in ((general, all_dtypes), (single_launch, mixed),
-                          (general_7x7, [all_dtypes[0], all_dtypes[4]]),
-                          (single_launch_7x7, [all_dtypes[0], all_dtypes[4]])):
-        for layout in ("nchw", "nhwc"):
-            for dtype, pdtype in dtypes:
-                tag = f"{'x'.join(map(str, shape))} {layout} {dtype}/{pdtype}"
-                for stats in ("single_pass", "two_pass"):
-                    out.append(Check(f"train {stats} {tag}", shape, dtype, pdtype, layout,
-                                     stats=stats))
-                out.append(Check(f"eval {tag}", shape, dtype, pdtype, layout, training=False))
-    flags = {
-        "no affine": dict(affine=False, grads=("x",)), "no running stats": dict(running=False),
-        "cumulative": dict(cumulative=True), "relu": dict(activation="relu"),
-        "silu": dict(activation="silu"),
-        "residual": dict(residual=True, grads=("x", "w", "b", "r")),
-        "residual+relu": dict(residual=True, activation="relu", grads=("x", "w", "b", "r")),
-        "residual+silu": dict(residual=True, activation="silu", grads=("x", "w", "b", "r")),
-        "no dx": dict(grads=("w", "b")),
-        "eval stats": dict(training=False), "eval dx only": dict(training=False, grads=("x",)),
-        "eval no affine": dict(training=False, affine=False, grads=("x",)),
-        "eval relu": dict(training=False, activation="relu"),
-        "eval silu": dict(training=False, activation="silu"),
-        "eval residual+silu": dict(training=False, residual=True, activation="silu",
-                                   grads=("x", "w", "b", "r")),
-        "eval residual+relu": dict(training=False, residual=True, activation="relu",
-                                   grads=("x", "w", "b", "r")),
-    }
-    for shape in (general, single_launch):
-        for layout in ("nchw", "nhwc"):
-            tag = f"{'x'.join(map(str, shape))} {layout} float32"
-            for name, kw in flags.items():
-                out.append(Check(f"{name} {tag}", shape, "float32", "float32", layout, **kw))
-            for stats in ("single_pass", "two_pass"):
-                out.append(Check(f"autotuned train {stats} {tag}", shape, "float32", "float32",
-                                 layout, stats=stats, autotune=True))
-    activations = _activations()
-    return [c for c in out if c.activation in activations]
+    """The correctness checks: the fewest checks through the public API whose launches hold
+    every mode-switch variant (``variant_key(full=False)``) of ``bnbench.registry``'s compile
+    list, at its shapes (so the same compiled variants): one candidate per distinct
+    setting of the list, chosen greedily (most new variants first), kept in list order."""
+    from kernels._triton_internals import record_launches
+
+    from . import registry
+
+    found = {}  # setting (a check without its name) -> [check, variants its scenarios launch]
+    for scenario in registry.compile_variants():
+        check = _check_of(scenario)
+        with record_launches(scenario.name) as got:
+            scenario.launch("meta")
+        entry = found.setdefault(replace(check, name=""), [check, set()])
+        entry[1] |= {variant_key(launch, full=False) for launch in got}
+    left = set().union(*(keys for _, keys in found.values()))
+    chosen = set()
+    while left:
+        check, keys = max(found.values(), key=lambda entry: len(entry[1] & left))
+        chosen.add(check.name)
+        left -= keys
+    return [check for check, _ in found.values() if check.name in chosen]
 
 
-def _activations():
-    try:
-        from kernels.ops import ACTIVATIONS
-    except Exception:  # noqa: BLE001 (a dry run needs no working kernels)
-        return (None, "relu")
-    return ACTIVATIONS
+def _check_of(scenario):
+    """The Check that launches `scenario`'s variant through kernels.batch_norm: a training
+    forward (and backward), an eval forward (and backward), or the backward of either."""
+    from .registry import GRADS
+
+    v = scenario.variant
+    options, epilogue = v.op.options, v.epilogue
+
+    def option(name, default):
+        return v.option(name) if name in options else default
+
+    affine = option("affine", True)
+    need = GRADS[option("grads", "all")]
+    grads = (("x",) if need[0] else ()) + (("w", "b") if affine and need[1] else ())
+    grads += ("r",) if epilogue.residual and need[3] else ()
+    return Check(
+        scenario.name, scenario.shape, v.dtype, v.param_dtype, v.layout,
+        training=v.op.name == "train_fwd" or option("training", False),
+        stats=v.stats if v.stats != "-" else "single_pass", affine=affine,
+        running=option("running", True), cumulative=option("cumulative", False),
+        residual=epilogue.residual,
+        activation=None if epilogue.activation == "none" else epilogue.activation,
+        grads=grads, autotune=option("autotune", False))
 
 
 @dataclass
@@ -364,80 +358,53 @@ def variant_key(launch, full=True):
 
 
 def sweep_launches(cases):
-    """The launches the sweep's Triton rows make (recorded on meta tensors, not run)."""
-    import torch
-
+    """The launches the sweep's Triton rows make (recorded on meta tensors, not run): each
+    case's ops (``registry.Mode.ops``), both statistics modes in training; conv_bn_eval's BN
+    is the eval kernel at the same shapes."""
     from kernels._triton_internals import record_launches
-    from kernels import Epilogue
-    from kernels.backward import bn_backward
-    from kernels.forward import bn_forward_eval, bn_forward_train
 
-    from .cases import DTYPES
+    from . import registry
 
     out, seen = [], set()
-    dtypes = {name: getattr(torch, name) for name in DTYPES}
     for case in cases:
-        if case.mode == "conv_bn_eval" or case.mode not in ("train_fwd", "train_fwd_bwd", "eval"):
-            continue  # conv_bn_eval's BN is the eval kernel at the same shapes
-        key = (case.mode, case.N, case.C, case.H, case.W, case.dtype, case.layout, case.fusion)
-        if key in seen:
-            continue
-        seen.add(key)
-        dt = dtypes[case.dtype]
-
-        def t():
-            x = torch.empty((case.N, case.C, case.H, case.W), device="meta", dtype=dt)
-            return x.to(memory_format=torch.channels_last) if case.layout == "nhwc" else x
-        vec = torch.empty(case.C, device="meta", dtype=torch.float32)
-        epilogue = Epilogue(case.fusion)
-        r = t() if epilogue.residual else None
-        calls = []
-        if case.mode == "eval":
-            calls.append(lambda: bn_forward_eval(t(), vec, vec, vec, vec, 1e-5, r, epilogue))
-        else:
-            for stats in ("single_pass", "two_pass"):
-                calls.append(lambda s=stats: bn_forward_train(t(), vec, vec, vec, vec, 0.1,
-                                                              1e-5, s, r, epilogue))
-            if case.mode == "train_fwd_bwd":
-                calls.append(lambda: bn_backward(
-                    t(), t(), t() if epilogue.activation != "none" else None, vec, vec, vec,
-                    vec, training=True, epilogue=epilogue, residual=r,
-                    need_dresidual=r is not None))
-        for call in calls:
-            with record_launches(case.describe()) as got:
-                call()
-            out.extend(got)
+        pair = (case.dtype, registry.param_dtype_for(case.dtype))
+        for name in case.spec.ops:
+            for v in registry.variants(registry.OPS[name], (case.fusion,), (case.layout,), (pair,)):
+                shape = (case.N, case.C, case.H, case.W)
+                if (v, shape) in seen:
+                    continue
+                seen.add((v, shape))
+                with record_launches(case.describe()) as got:
+                    registry.run_variant(v, registry.make_tensors(v, shape, "meta"))
+                out.extend(got)
     return out
+
+
+def _compile_list_launches():
+    """The launches of ``bnbench.registry.compile_variants`` (recorded, not run)."""
+    from kernels._triton_internals import record_launches
+
+    from . import registry
+
+    launches = []
+    for scenario in registry.compile_variants():
+        with record_launches(scenario.name) as got:
+            scenario.launch("empty")
+        launches.extend(got)
+    return launches
 
 
 def all_launches(cases):
     """Distinct launches (full variant_key) of the correctness scenarios and the sweep."""
-    from bnbench.aot import scenarios
-    from kernels._triton_internals import record_launches
-
-    launches = []
-    for name, thunk in scenarios():
-        with record_launches(name) as got:
-            thunk()
-        launches.extend(got)
-    launches.extend(sweep_launches(cases))
     distinct = {}
-    for launch in launches:
+    for launch in _compile_list_launches() + sweep_launches(cases):
         distinct.setdefault(variant_key(launch), launch)
     return list(distinct.values())
 
 
 def expected_variants():
-    """The mode-switch variants (variant_key(full=False)) of ``bnbench.aot.scenarios``."""
-    from bnbench.aot import scenarios
-    from kernels._triton_internals import record_launches
-
-    keys = set()
-    for name, thunk in scenarios():
-        with record_launches(name) as got:
-            thunk()
-        keys |= {variant_key(launch, full=False) for launch in got}
-    return keys
+    """The mode-switch variants (variant_key(full=False)) of the compile list."""
+    return {variant_key(launch, full=False) for launch in _compile_list_launches()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,24 +671,13 @@ def run_checks(out, clock, the_checks, reserve, check_s, device="cuda"):
     Returns (rows, note)."""
     import pandas as pd
     import torch
-    from triton.runtime.jit import JITFunction
+
+    from kernels._triton_internals import record_launches
 
     from .runner import one_line
 
-    launched = set()
-    original = JITFunction.run
-
-    def run(self, *args, **kwargs):
-        from kernels._triton_internals import Launch
-
-        launched.add(variant_key(Launch("", self, args, {k: v for k, v in kwargs.items()
-                                                        if k not in ("grid", "warmup")}, ()),
-                                 full=False))
-        return original(self, *args, **kwargs)
-
     rows, note, path = [], "", out / "correctness.csv"
-    JITFunction.run = run
-    try:
+    with record_launches(execute=True) as ran:
         for check in the_checks:
             if not clock.fits(check_s, reserve):
                 note = "stopped at the budget"
@@ -739,8 +695,7 @@ def run_checks(out, clock, the_checks, reserve, check_s, device="cuda"):
             row["seconds"] = round(time.monotonic() - start, 3)
             rows.append(row)
             pd.DataFrame(rows).to_csv(path, index=False)
-    finally:
-        JITFunction.run = original
+    launched = {variant_key(launch, full=False) for launch in ran}
     try:
         expected = expected_variants()
         missing = sorted(map(str, expected - launched))
@@ -967,7 +922,7 @@ def _planned_cases(budget):
 
 
 def add_parser(subparsers):
-    from .run import _positive  # run's parser helper (run.py imports no torch at the top)
+    from .arguments import positive
 
     p = subparsers.add_parser(
         "gpu-day", help="a budgeted first run on a GPU: environment, compiled-kernel "
@@ -975,7 +930,7 @@ def add_parser(subparsers):
         description=__doc__.split("\n\n")[0] + " Stages: environment, compile, correctness, "
                     "prioritised sweep, summary; --dry-run prints the plan and its estimates "
                     "on any machine.")
-    p.add_argument("--budget", type=_positive, default=480.0,
+    p.add_argument("--budget", type=positive, default=480.0,
                    help="seconds for the whole command, start to end (default 480)")
     p.add_argument("--out", type=Path, default=Path("results/gpu_day"),
                    help="output folder (default results/gpu_day)")
@@ -983,9 +938,9 @@ def add_parser(subparsers):
                    help="print the planned cases and the estimated time per stage; no GPU")
     p.add_argument("--workers", type=int, default=WORKERS,
                    help=f"compile worker processes (default {WORKERS}, at most the CPU count)")
-    p.add_argument("--warmup-ms", type=_positive, default=WARMUP_MS,
+    p.add_argument("--warmup-ms", type=positive, default=WARMUP_MS,
                    help=f"do_bench warm-up per row (default {WARMUP_MS:g})")
-    p.add_argument("--rep-ms", type=_positive, default=REP_MS,
+    p.add_argument("--rep-ms", type=positive, default=REP_MS,
                    help=f"do_bench repetitions per row (default {REP_MS:g})")
     p.set_defaults(func=_command, uses_device=False)
 

@@ -43,9 +43,11 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-TRAIN_MODES = ("train_fwd", "train_fwd_bwd")
-BN_MODES = ("train_fwd", "train_fwd_bwd", "eval")
-CONV_MODES = ("conv_bn_eval",)
+from .registry import MODES
+
+TRAIN_MODES = tuple(m.name for m in MODES.values() if m.training)
+BN_MODES = tuple(m.name for m in MODES.values() if not m.conv)
+CONV_MODES = tuple(m.name for m in MODES.values() if m.conv)
 
 
 @contextlib.contextmanager

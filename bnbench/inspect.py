@@ -1,8 +1,8 @@
 """``bnbench inspect``: the compiled code of every kernel variant, for real GPUs, without a GPU.
 
-Each launch the ops can make (``bnbench.aot.scenarios``) is specialised as a real launch
-would be and compiled with ``triton.compile`` for sm_80 and sm_90 (``ptxas`` ships with
-Triton).  Reported per variant: registers per thread, spill bytes, stack frame, shared
+Each launch of the compile list (``bnbench.registry.compile_variants``) is specialised as
+a real launch would be and compiled with ``triton.compile`` for sm_80 and sm_90 (``ptxas``
+ships with Triton).  Reported per variant: registers per thread, spill bytes, stack frame, shared
 memory, the widest global load and store in the PTX (16 bytes = ``ld.global.v4.b32``),
 num_warps and num_stages.  Compiled resources are measured proxies for speed, not speeds.
 

@@ -34,22 +34,15 @@ column that does not apply stays empty.
 
 from dataclasses import dataclass
 
-QUANTITIES = ("y", "dx", "dweight", "dbias", "dresidual", "running_mean", "running_var")
-MODE_QUANTITIES = {
-    "eval": ("y",),
-    "train_fwd": ("y", "running_mean", "running_var"),
-    "train_fwd_bwd": ("y", "dx", "dweight", "dbias", "running_mean", "running_var"),
-    "conv_bn_eval": ("y",),
-}
-MOMENTUM = 0.1
-EPS = 1e-5
+from . import registry
+
+QUANTITIES = registry.QUANTITIES
+MOMENTUM, EPS = registry.MOMENTUM, registry.EPS
 
 
 def quantities(case):
-    """The quantities compared in `case`: its mode's, and dresidual in train_fwd_bwd with a
-    residual."""
-    extra = ("dresidual",) if case.mode == "train_fwd_bwd" and case.residual else ()
-    return MODE_QUANTITIES[case.mode] + extra
+    """The quantities compared in `case` (``registry.Mode.compared``)."""
+    return case.spec.compared(case.epilogue)
 
 
 def error_columns(quantity):
@@ -155,40 +148,26 @@ def call(fn, case, inputs, running_mean, running_var):
     """One call of `fn` in `case`'s mode; returns the outputs to compare (running stats updated).
 
     Args:
-        fn: a batch-norm function of ``bnbench.impls`` (``fn(x, running_mean, running_var,
-            weight, bias, training, momentum, eps, residual, activation) -> y``), or in
-            conv_bn_eval a prepared ``fn(x, residual, activation) -> y``; activation is
-            None, "relu" or "silu" (``Case.activation``).
+        fn: what ``registry.make_step`` calls: a batch-norm function of ``bnbench.impls``,
+            or in conv_bn_eval a prepared ``fn(x, residual, activation) -> y``.
         running_mean, running_var: the buffers this call updates (give clones).
 
     Returns:
         dict quantity -> tensor, for the quantities of `case` (``quantities``).
     """
-    act = case.activation
-    if case.conv:
-        return dict(y=fn(inputs.x, inputs.residual, act))
-    if case.mode == "train_fwd_bwd":
-        x, w, b = (t.detach().requires_grad_() for t in (inputs.x, inputs.weight, inputs.bias))
-        r = inputs.residual
-        r = r.detach().requires_grad_() if r is not None else None
-        y = fn(x, running_mean, running_var, w, b, True, MOMENTUM, EPS, r, act)
-        y.backward(inputs.dy)
-        out = dict(y=y.detach(), dx=x.grad, dweight=w.grad, dbias=b.grad)
-        if r is not None:
-            out["dresidual"] = r.grad
-    else:
-        out = dict(y=fn(inputs.x, running_mean, running_var, inputs.weight, inputs.bias,
-                        case.training, MOMENTUM, EPS, inputs.residual, act))
-    if case.training:
-        out.update(running_mean=running_mean, running_var=running_var)
-    return out
+    step, _, outputs = registry.make_step(fn, case.spec, case.epilogue, inputs, running_mean,
+                                          running_var)
+    step()
+    return outputs()
 
 
 def reference(case, inputs):
     """The float64 results of `case` (the module docstring says how; same device)."""
     import torch.nn.functional as F
 
-    from .impls import cudnn_enabled, make_torch_batch_norm
+    from kernels import torch_batch_norm
+
+    from .impls import cudnn_enabled
 
     def f64(t):
         return None if t is None else t.detach().double()
@@ -196,14 +175,14 @@ def reference(case, inputs):
     f = Inputs(**{k: f64(getattr(inputs, k)) for k in ("x", "dy", "weight", "bias",
                                                         "running_mean", "running_var",
                                                         "residual")})
-    batch_norm = make_torch_batch_norm()
     with cudnn_enabled(False):
         if case.conv:
             conv = inputs.conv
             z = F.conv2d(f.x, f64(conv.weight), f64(conv.bias), conv.stride, conv.padding)
-            return dict(y=batch_norm(z, f.running_mean, f.running_var, f.weight, f.bias, False,
-                                     0.0, EPS, f.residual, case.activation))
-        return call(batch_norm, case, f, f.running_mean.clone(), f.running_var.clone())
+            return dict(y=torch_batch_norm(z, f.running_mean, f.running_var, f.weight, f.bias,
+                                           False, 0.0, EPS, f.residual,
+                                           case.epilogue.activation))
+        return call(torch_batch_norm, case, f, f.running_mean.clone(), f.running_var.clone())
 
 
 def errors(actual, expected):

@@ -21,11 +21,11 @@ only, time columns empty) and the CPU baselines are timed on ``--cpu-threads``
 threads (1 by default).
 """
 
-import argparse
 import sys
 import textwrap
 from pathlib import Path
 
+from .arguments import choices, integers, positive
 from .cases import ALL_MODES, DTYPE_ALIASES, DTYPES, FUSIONS, LAYOUTS, MODES
 from .environment import add_cpu_threads_argument
 from .plot import KINDS
@@ -44,42 +44,6 @@ PRESETS = {
 }
 
 
-def _choices(kind, allowed, aliases=None):
-    """argparse type: a comma-separated list of names from `allowed`, in the given order."""
-    aliases = aliases or {}
-
-    def convert(text):
-        names = [aliases.get(t.strip().lower(), t.strip().lower()) for t in text.split(",")
-                 if t.strip()]
-        bad = [n for n in names if n not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(
-                f"invalid {kind} {text!r} (choose from {', '.join(allowed)})")
-        return tuple(dict.fromkeys(names))
-    return convert
-
-
-def _batch_sizes(text):
-    try:
-        sizes = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(
-            f"invalid batch sizes {text!r}: expected positive integers, e.g. 1,8,32")
-    return tuple(sorted(set(sizes)))
-
-
-def _positive(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def add_parser(subparsers):
     from .impls import IMPLS
 
@@ -94,30 +58,30 @@ def add_parser(subparsers):
     p.add_argument("--shapes", type=parse_shapes, metavar="SHAPES",
                    help=f"shape sets ({', '.join(SHAPE_SETS)}) and/or CxHxW, comma-separated, "
                         "e.g. 64x56x56,256x14x14 (default: resnet50; quick with --quick)")
-    p.add_argument("--batch-sizes", type=_batch_sizes, metavar="N,N,...",
+    p.add_argument("--batch-sizes", type=integers("batch sizes", "1,8,32"), metavar="N,N,...",
                    help="batch sizes (default: 1,8,32,128,256; 2,8 with --quick); on a GPU, "
                         "cases that would not fit in memory are skipped")
-    p.add_argument("--dtypes", type=_choices("dtypes", DTYPES, DTYPE_ALIASES),
+    p.add_argument("--dtypes", type=choices("dtypes", DTYPES, DTYPE_ALIASES),
                    metavar="DTYPES",
                    help=f"from {', '.join(DTYPES)} (default: all; float32,bfloat16 with --quick)")
-    p.add_argument("--layouts", type=_choices("layouts", LAYOUTS), metavar="LAYOUTS",
+    p.add_argument("--layouts", type=choices("layouts", LAYOUTS), metavar="LAYOUTS",
                    help="nchw and/or nhwc (channels_last) (default: both)")
-    p.add_argument("--modes", type=_choices("modes", ALL_MODES), metavar="MODES",
+    p.add_argument("--modes", type=choices("modes", ALL_MODES), metavar="MODES",
                    help=f"from {', '.join(ALL_MODES)} (default: {','.join(MODES)}; "
                         "conv_bn_eval times a 3x3 conv then the eval BN, unfolded and folded)")
-    p.add_argument("--fusions", type=_choices("fusions", FUSIONS), metavar="FUSIONS",
+    p.add_argument("--fusions", type=choices("fusions", FUSIONS), metavar="FUSIONS",
                    help=f"what follows the BN, from {', '.join(FUSIONS)} (default: none); "
                         "act(bn(x) [+ r]), act relu or silu, in one Triton kernel, as torch "
                         "ops in the baselines (F.batch_norm, then y += r, then relu_/F.silu)")
-    p.add_argument("--impls", type=_choices("implementations", tuple(IMPLS)), metavar="IMPLS",
+    p.add_argument("--impls", type=choices("implementations", tuple(IMPLS)), metavar="IMPLS",
                    help=f"from {', '.join(IMPLS)} (default: all that apply; cudnn only on a GPU)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: results/; in a checkout, results/local/ "
                         "where results/ holds a committed file of the same name)")
     p.add_argument("--name", default=None,
                    help="file name stem (default: run_<sweep>_<device>, e.g. run_quick_cpu)")
-    p.add_argument("--warmup-ms", type=_positive, default=25.0, help="warm-up time per row")
-    p.add_argument("--rep-ms", type=_positive, default=100.0, help="timed repetitions per row")
+    p.add_argument("--warmup-ms", type=positive, default=25.0, help="warm-up time per row")
+    p.add_argument("--rep-ms", type=positive, default=100.0, help="timed repetitions per row")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     add_cpu_threads_argument(p)
     p.add_argument("--no-plots", action="store_true", help="write the CSV and table only")

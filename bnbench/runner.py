@@ -22,7 +22,7 @@ figures, and ``error`` says why there is no reference.
 
 from dataclasses import dataclass
 
-from . import backends, numerics, timing
+from . import backends, numerics, registry, timing
 from .cases import gbps
 
 # Triton rows are checked through the interpreter only up to this many elements.
@@ -81,37 +81,11 @@ def fits_on_gpu(case):
 
 
 def make_step(fn, case, inputs):
-    """The timed call and the tensors whose grads are reset before each repetition.
-
-    Inputs are allocated here, outside the timed region; the step updates its own
-    copies of the running statistics.  `fn` is what ``numerics.call`` takes.
-    """
-    act, residual = case.activation, inputs.residual
-    if case.conv:
-        x = inputs.x
-
-        def step():
-            fn(x, residual, act)
-        return step, None
-    running_mean, running_var = inputs.running_mean.clone(), inputs.running_var.clone()
-    m, e = numerics.MOMENTUM, numerics.EPS
-    if case.mode == "train_fwd_bwd":
-        x, w, b = (t.detach().requires_grad_() for t in (inputs.x, inputs.weight, inputs.bias))
-        grads = [x, w, b]
-        if residual is not None:
-            residual = residual.detach().requires_grad_()
-            grads.append(residual)
-        dy = inputs.dy
-
-        def step():
-            fn(x, running_mean, running_var, w, b, True, m, e, residual, act).backward(dy)
-        return step, grads
-
-    x, w, b, training = inputs.x, inputs.weight, inputs.bias, case.training
-
-    def step():
-        fn(x, running_mean, running_var, w, b, training, m, e, residual, act)
-    return step, None
+    """The timed call and the tensors whose grads are reset before each repetition
+    (``registry.make_step``, on its own copies of the running statistics)."""
+    step, grads, _ = registry.make_step(fn, case.spec, case.epilogue, inputs,
+                                        inputs.running_mean.clone(), inputs.running_var.clone())
+    return step, grads
 
 
 def run_impl(impl, case, inputs, ref, opts):

@@ -37,17 +37,32 @@ SHAPE_SETS = {
 }
 
 
-def parse_shape(text):
-    """'64x56x56' -> (64, 56, 56); raises argparse.ArgumentTypeError when malformed."""
-    parts = text.lower().split("x")
+EXAMPLES = {"CxHxW": "64x56x56", "NxCxHxW": "16x4x28x28"}
+
+
+def parse_shape(text, form="CxHxW"):
+    """'64x56x56' -> (64, 56, 56) (form "NxCxHxW": four sizes, the batch first); raises
+    argparse.ArgumentTypeError when malformed."""
+    parts = text.strip().lower().split("x")
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         dims = ()
-    if len(dims) != 3 or min(dims) < 1:
+    if len(dims) != len(form.split("x")) or min(dims) < 1:
         raise argparse.ArgumentTypeError(
-            f"invalid shape {text!r}: expected CxHxW with positive integers, e.g. 64x56x56")
+            f"invalid shape {text!r}: expected {form} with positive integers, "
+            f"e.g. {EXAMPLES[form]}")
     return dims
+
+
+def shape_list(form):
+    """argparse type: comma-separated shapes of `form` ("CxHxW" or "NxCxHxW")."""
+    def parse(text):
+        shapes = tuple(parse_shape(t, form) for t in text.split(",") if t.strip())
+        if not shapes:
+            raise argparse.ArgumentTypeError("no shapes given")
+        return shapes
+    return parse
 
 
 def parse_shapes(text):

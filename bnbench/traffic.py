@@ -13,11 +13,12 @@ lanes.  Accesses fall in two classes:
 * per-channel traffic: everything else (statistics, per-program partials,
   parameters, pivots), O(C * programs) bytes, reported apart.
 
-The minimum element traffic of each op stands beside it: training forward and
-eval read x once and write y once (2 elements' bytes; +1 with a residual);
-backward reads x and dy and writes dx (3; +1 for the residual's gradient, +1 for
-the output y read for a ReLU after a residual, or the residual read again for a SiLU
-after one, to recompute its input z).
+The ops, their calls, their inputs and their minimum element traffic come from
+``bnbench.registry``: training forward and eval read x once and write y once (2
+elements' bytes; +1 with a residual); backward reads x and dy and writes dx (3; +1
+for the residual's gradient, +1 for the output y read for a ReLU after a residual,
+or the residual read again for a SiLU after one, to recompute its input z).  The
+issue targets (fp32, no epilogue) are the registry's too.
 
 How the programs are counted.  The same ops on ResNet-50's BatchNorm shapes at
 full size are launched on the meta device with the launches recorded, not run:
@@ -30,24 +31,20 @@ import os
 import sys
 from pathlib import Path
 
+from .arguments import choices
+from .cases import DTYPE_ALIASES
+from .registry import LAYOUTS
+from .shapes import shape_list
+
 # Scaled-down stand-ins the interpreter runs in seconds, with the code paths of the real shapes:
 # (16, 4, 28, 28) like (32, 64, 56, 56): many programs per channel, merged partials;
 # (256, 8, 7, 7) like (256, 2048, 7, 7) at large batch: general path, small H*W;
 # (8, 16, 7, 7) like (2048, 7, 7) at small batch: the single-launch path.
 SCALED_SHAPES = ((16, 4, 28, 28), (256, 8, 7, 7), (8, 16, 7, 7))
-FUSIONS = (None, "relu", "residual+relu", "silu", "residual+silu")
+FUSIONS = ("none", "relu", "residual+relu", "silu", "residual+silu")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 FULL_SCALE_BATCHES = (1, 8, 32, 64, 128, 256)
 
-# Issue targets in elements' bytes per element of x (fp32: x4 bytes) and launches.
-TARGETS = {
-    ("train_fwd", "single_pass", "general"): (3, 2),
-    ("train_fwd", "two_pass", "general"): (4, 3),
-    ("train_bwd", "-", "general"): (5, 2),
-    ("train_fwd", "single_pass", "single_launch"): (2, 1),
-    ("train_fwd", "two_pass", "single_launch"): (2, 1),
-    ("train_bwd", "-", "single_launch"): (3, 1),
-    ("eval", "-", "general"): (2, 1),
-}
 SINGLE_LAUNCH_KERNELS = {"_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_kernel"}
 
 
@@ -95,124 +92,75 @@ def _span(t):
     return lo, hi + size
 
 
-def _inputs(shape, dtype, channels_last, residual):
-    import torch
+def measure(variant, shape):
+    """Count one variant (``bnbench.registry``) on real tensors of x's `shape`; returns the
+    row of the traffic table."""
+    from bnbench import registry
 
-    def tensor():
-        t = torch.randn(shape, dtype=dtype)
-        return t.to(memory_format=torch.channels_last) if channels_last else t
-
-    C = shape[1]
-    return dict(x=tensor(), w=torch.rand(C) + 0.5, b=torch.randn(C), rm=torch.randn(C),
-                rv=torch.rand(C) + 0.5, r=tensor() if residual else None, dy=tensor())
-
-
-def measure(op, stats, shape, dtype, channels_last, fusion):
-    """Count one op; returns the row of the traffic table."""
-    from kernels import Epilogue
-    from kernels.backward import bn_backward
-    from kernels.forward import bn_forward_eval, bn_forward_train
-
-    epilogue = Epilogue(fusion or "none")
-    residual = epilogue.residual
-    t = _inputs(shape, dtype, channels_last, residual)
+    t = registry.make_tensors(variant, shape, "real")
     counter = Counter()
-    if op == "train_fwd":
-        with counter.hooked():
-            y, _, _ = bn_forward_train(t["x"], t["w"], t["b"], t["rm"], t["rv"], 0.1, 1e-5, stats,
-                                       t["r"], epilogue)
-        big = [t["x"], t["r"], y]
-        minimum = 2 + residual
-    elif op == "eval":
-        with counter.hooked():
-            y = bn_forward_eval(t["x"], t["w"], t["b"], t["rm"], t["rv"], 1e-5, t["r"], epilogue)
-        big = [t["x"], t["r"], y]
-        minimum = 2 + residual
-    else:
-        y, mean, rstd = bn_forward_train(t["x"], t["w"], t["b"], None, None, 0.1, 1e-5, stats,
-                                         t["r"], epilogue)
-        with counter.hooked():
-            dx, _, _, dres = bn_backward(t["dy"], t["x"], y, t["w"], t["b"], mean, rstd,
-                                         training=True, epilogue=epilogue, residual=t["r"])
-        big = [t["x"], t["dy"], y, t["r"], dx, dres]
-        # after a residual, the activation's gradient needs y (relu's mask) or r (silu's z)
-        minimum = 3 + residual + (epilogue.activation != "none" and residual)
+    with counter.hooked():
+        out = registry.run_variant(variant, t)
+    x = t["x"]
+    big = [v for v in (*t.values(), *out.values()) if v is not None and v.shape == x.shape]
     read, written, per_channel = counter.split(big)
-    numel = t["x"].numel()
-    elem = t["x"].element_size()
-    single = any(k in SINGLE_LAUNCH_KERNELS for k, _ in counter.launches)
-    path = "single_launch" if single else "general"
-    base = fusion is None and dtype_name(dtype) == "float32"
-    target = TARGETS.get((op, stats if op == "train_fwd" else "-", path)) if base else None
+    numel, elem, op, epi = x.numel(), x.element_size(), variant.op, variant.epilogue
+    path = _path(name for name, _ in counter.launches)
+    base = epi.value == "none" and variant.dtype == "float32"
+    target = op.targets.get((variant.stats, path)) if base else None
     return dict(
-        op=op, stats=stats if op == "train_fwd" else "-", fusion=fusion or "-",
-        layout="nhwc" if channels_last else "nchw", N=shape[0], C=shape[1],
-        H=shape[2], W=shape[3], dtype=dtype_name(dtype), path=path,
+        op=op.name, stats=variant.stats, fusion=epi.value, layout=variant.layout,
+        N=shape[0], C=shape[1], H=shape[2], W=shape[3], dtype=variant.dtype, path=path,
         launches=len(counter.launches),
         programs="+".join(str(p) for _, p in counter.launches),
         read_B_per_elem=read / numel, write_B_per_elem=written / numel,
-        elem_B_per_elem=(read + written) / numel, min_B_per_elem=minimum * elem,
+        elem_B_per_elem=(read + written) / numel,
+        min_B_per_elem=(op.min_elements(epi) + op.recompute_elements(epi)) * elem,
         target_B_per_elem=target[0] * elem if target else None,
         target_launches=target[1] if target else None,
         per_channel_bytes=per_channel, per_channel_B_per_elem=per_channel / numel,
     )
 
 
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
+def _path(kernel_names):
+    """"single_launch" when a single-launch kernel ran, else "general"."""
+    return ("single_launch" if any(k in SINGLE_LAUNCH_KERNELS for k in kernel_names)
+            else "general")
+
+
+def _op_variants(fusion, layout, dtype):
+    """Every op of the registry (each statistics mode) with default options."""
+    from bnbench import registry
+
+    pair = (dtype, registry.param_dtype_for(dtype))
+    return [v for op in registry.OPS.values()
+            for v in registry.variants(op, (fusion,), (layout,), (pair,))]
 
 
 def traffic_table(shapes=SCALED_SHAPES, dtypes=("float32",), layouts=("nchw", "nhwc"),
                   fusions=FUSIONS):
     """Counted rows for every op, statistics mode, fusion, layout, shape and dtype."""
-    import torch
-
-    rows = []
-    for shape in shapes:
-        for dtype in dtypes:
-            for layout in layouts:
-                for fusion in fusions:
-                    cases = [("train_fwd", "single_pass"), ("train_fwd", "two_pass"),
-                             ("train_bwd", "single_pass"), ("eval", "-")]
-                    for op, stats in cases:
-                        rows.append(measure(op, stats, shape, getattr(torch, dtype),
-                                            layout == "nhwc", fusion))
-    return rows
+    return [measure(v, shape) for shape in shapes for dtype in dtypes for layout in layouts
+            for fusion in fusions for v in _op_variants(fusion, layout, dtype)]
 
 
 def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
     """Programs of every launch at ResNet-50's full BatchNorm shapes (meta tensors, not run)."""
-    import torch
-
+    from bnbench import registry
     from bnbench.shapes import resnet50_bn_shapes
     from kernels._triton_internals import record_launches
-    from kernels.backward import bn_backward
-    from kernels.forward import bn_forward_eval, bn_forward_train
 
     rows = []
     for (C, H, W) in resnet50_bn_shapes():
         for N in batches:
             for layout in layouts:
-                def t():
-                    x = torch.empty((N, C, H, W), device="meta")
-                    return x.to(memory_format=torch.channels_last) if layout == "nhwc" else x
-                vec = torch.empty(C, device="meta")
-                ops = {
-                    "train_fwd single_pass": lambda: bn_forward_train(
-                        t(), vec, vec, vec, vec, 0.1, 1e-5, "single_pass"),
-                    "train_fwd two_pass": lambda: bn_forward_train(
-                        t(), vec, vec, vec, vec, 0.1, 1e-5, "two_pass"),
-                    "train_bwd": lambda: bn_backward(t(), t(), None, vec, vec, vec, vec,
-                                                     training=True),
-                    "eval": lambda: bn_forward_eval(t(), vec, vec, vec, vec, 1e-5),
-                }
-                for name, call in ops.items():
+                for v in _op_variants("none", layout, "float32"):
+                    name = v.op.name if v.stats == "-" else f"{v.op.name} {v.stats}"
                     with record_launches(name) as launches:
-                        call()
+                        registry.run_variant(v, registry.make_tensors(v, (N, C, H, W), "meta"))
                     programs = [math.prod(launch.grid) for launch in launches]
-                    single = any(launch.fn.__name__ in SINGLE_LAUNCH_KERNELS for launch in launches)
                     rows.append(dict(op=name, layout=layout, N=N, C=C, H=H, W=W,
-                                     path="single_launch" if single else "general",
+                                     path=_path(launch.fn.__name__ for launch in launches),
                                      launches=len(launches), min_programs=min(programs),
                                      programs="+".join(map(str, programs))))
     return rows
@@ -239,8 +187,8 @@ def run_command(args):
     out.mkdir(parents=True, exist_ok=True)
     print("Measured proxies for speed, not speeds: bytes counted in Triton's interpreter.",
           flush=True)
-    fusions = tuple(None if f == "none" else f for f in args.fusions)
-    traffic = _stamp(pd.DataFrame(traffic_table(args.shapes, args.dtypes, args.layouts, fusions)))
+    traffic = _stamp(pd.DataFrame(traffic_table(args.shapes, args.dtypes, args.layouts,
+                                                args.fusions)))
     traffic.to_csv(out / "traffic.csv", index=False)
     shown = ["op", "stats", "fusion", "layout", "N", "C", "H", "W", "dtype", "path", "launches",
              "programs", "read_B_per_elem", "write_B_per_elem", "min_B_per_elem",
@@ -258,49 +206,19 @@ def run_command(args):
     return 0
 
 
-def _nchw(text):
-    import argparse
-
-    try:
-        dims = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        dims = ()
-    if len(dims) != 4 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(
-            f"invalid shape {text!r}: expected NxCxHxW, e.g. 16x4x28x28")
-    return dims
-
-
-def _shapes(text):
-    return tuple(_nchw(t) for t in text.split(",") if t.strip())
-
-
-def _choices(allowed):
-    def parse(text):
-        import argparse
-
-        items = tuple(t.strip() for t in text.split(",") if t.strip())
-        bad = [t for t in items if t not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"invalid value {text!r}: choose from {', '.join(allowed)}")
-        return items
-    return parse
-
-
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "traffic", help="count bytes moved, launches and programs of each op (no GPU needed)",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", type=_shapes, default=SCALED_SHAPES,
-                   help="NxCxHxW,... to count (default: scaled stand-ins for ResNet-50 shapes)")
-    p.add_argument("--dtypes", type=_choices(("float32", "float16", "bfloat16", "float64")),
-                   default=("float32",), help="comma-separated, default float32")
-    p.add_argument("--layouts", type=_choices(("nchw", "nhwc")), default=("nchw", "nhwc"),
+    p.add_argument("--shapes", type=shape_list("NxCxHxW"), default=SCALED_SHAPES,
+                   help="NxCxHxW,... to count, the batch included: the counts are per launch "
+                        "(default: scaled stand-ins for ResNet-50 shapes)")
+    p.add_argument("--dtypes", type=choices("dtypes", DTYPES, DTYPE_ALIASES),
+                   default=("float32",), help=f"from {', '.join(DTYPES)}, default float32")
+    p.add_argument("--layouts", type=choices("layouts", LAYOUTS), default=LAYOUTS,
                    help="comma-separated, default nchw,nhwc")
-    fusions = ("none", "relu", "residual+relu", "silu", "residual+silu")
-    p.add_argument("--fusions", type=_choices(fusions), default=fusions,
-                   help="comma-separated, default all")
+    p.add_argument("--fusions", type=choices("fusions", FUSIONS), default=FUSIONS,
+                   help=f"from {', '.join(FUSIONS)}, default all")
     p.add_argument("--out", default="results", help="folder for traffic.csv and parallelism.csv")
     p.add_argument("--no-parallelism", action="store_true",
                    help="skip the full-scale program counts")

@@ -150,26 +150,36 @@ class Launch:
 
 
 @contextlib.contextmanager
-def record_launches(scenario=""):
+def record_launches(scenario="", execute=False):
     """Within the block, `kernel[grid](...)` appends a Launch to the yielded list instead of
-    running (compiled or interpreted kernels alike; tensors may be on the meta device).
+    running (compiled or interpreted kernels alike; tensors may be on the meta device), or,
+    with `execute`, before running as usual (to see which variants a real run launched).
     Raises TritonInternalsUnavailable (before the block) where the launch internals differ."""
     launches = []
+    originals = {}  # (class, attribute) -> original
+
+    def saved(self, name):
+        return next(o for (cls, n), o in originals.items() if n == name and isinstance(self, cls))
 
     def record(self, *args, grid, warmup=False, **kwargs):
         launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
+        if execute:
+            return saved(self, "run")(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     def record_grid(self, grid):
-        return lambda *args, **kwargs: record(self, *args, grid=grid, **kwargs)
+        def launch(*args, **kwargs):
+            launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
+            if execute:
+                return saved(self, "__getitem__")(self, grid)(*args, **kwargs)
+        return launch
 
-    originals = []  # (class, attribute, original)
     for cls, name, replacement in _launch_hooks(record, record_grid):
-        originals.append((cls, name, cls.__dict__[name]))
+        originals[cls, name] = cls.__dict__[name]
         setattr(cls, name, replacement)
     try:
         yield launches
     finally:
-        for cls, name, original in originals:
+        for (cls, name), original in originals.items():
             setattr(cls, name, original)
 
 

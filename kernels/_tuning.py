@@ -13,6 +13,7 @@ every trial and updated exactly once per call.  Without a GPU (the interpreter)
 every trial is run once and timed as equal, so the first configuration wins.
 """
 
+import contextlib
 import os
 
 import triton
@@ -21,6 +22,7 @@ NUM_WARPS = (4, 8, 16)
 MAX_ELEMS_PER_THREAD = 16
 _enabled = os.environ.get("BNBENCH_AUTOTUNE", "0") == "1"
 _tuned = {}
+_timed = True  # False: trials run once and tie (launches recorded, not run: bnbench.registry)
 
 
 def set_autotune(enabled):
@@ -46,7 +48,7 @@ def _prune(configs, named_args, **kwargs):
 def _do_bench(kernel_call, quantiles):
     import torch
 
-    if torch.cuda.is_available():
+    if _timed and torch.cuda.is_available():
         return triton.testing.do_bench(kernel_call, quantiles=quantiles)
     kernel_call()  # the interpreter: run the trial (restore_value is exercised), time nothing
     return [1.0, 1.0, 1.0]
@@ -65,3 +67,19 @@ def launcher(kernel, num_warps, restore=()):
             prune_configs_by={"early_config_prune": _prune}, do_bench=_do_bench,
         )(kernel)
     return _tuned[key], {}
+
+
+@contextlib.contextmanager
+def autotuning(enabled=True, timed=True):
+    """Autotuning on (or off) within the block, with autotuners of its own: the launches
+    made there try every configuration again, whatever was tuned before (so recording the
+    launches of an autotuned call, ``bnbench.aot``, sees every num_warps it may try).
+    `timed=False`: the trials are not timed (for launches that are recorded, not run).
+    The previous settings and tuned configurations come back on exit."""
+    global _enabled, _tuned, _timed
+    saved = _enabled, _tuned, _timed
+    _enabled, _tuned, _timed = bool(enabled), {}, bool(timed)
+    try:
+        yield
+    finally:
+        _enabled, _tuned, _timed = saved

@@ -103,7 +103,7 @@ def test_without_gpu_and_without_dry_run_exits_2(tmp_path):
 
 
 def test_checks_cover_every_kernel_variant():
-    """Every mode-switch variant of bnbench.aot.scenarios is launched by some check
+    """Every mode-switch variant of the registry's compile list is launched by some check
     (launches recorded, not run)."""
     from bnbench.aot import record_launches
 

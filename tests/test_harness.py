@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bnbench import backends, numerics, report, runner
+from bnbench import backends, numerics, registry, report, runner
 from bnbench.cases import Case, gbps, make_cases
 from bnbench.impls import CONV_MODES, IMPLS, Impl
 from bnbench.shapes import SHAPE_SETS, parse_shapes, resnet50_bn_shapes
@@ -162,7 +162,7 @@ def test_runner_rows_errors_and_failures():
     for name in ["triton_single_pass", "torch_native"]:
         row = rows[name]
         assert row["status"] == "ok", row.get("error")
-        for q in numerics.MODE_QUANTITIES["train_fwd_bwd"]:
+        for q in registry.MODES["train_fwd_bwd"].quantities:
             max_abs, rel_l2 = (row[c] for c in numerics.error_columns(q))
             assert 0 <= max_abs < 100 * tol["atol"], (name, q, max_abs)
             assert 0 <= rel_l2 < 100 * tol["rtol"], (name, q, rel_l2)
@@ -218,7 +218,7 @@ def _f64_batch_norm(case, inputs):
     y = y * inputs.weight.double().view(1, -1, 1, 1) + inputs.bias.double().view(1, -1, 1, 1)
     if inputs.residual is not None:
         y = y + inputs.residual.double()
-    return torch.relu(y) if case.relu else y
+    return torch.relu(y) if case.epilogue.activation == "relu" else y
 
 
 @pytest.mark.parametrize("mode", ["train_fwd_bwd", "eval"])
@@ -578,7 +578,7 @@ def test_silu_fusion_rows(mode, triton, fusion):
     """--fusions silu / residual+silu: the reference is silu(bn(x) [+ r]) in float64, the
     Triton kernels and F.batch_norm-then-F.silu agree with it, and a SiLU left out shows."""
     case = Case(mode, 3, 5, 9, 7, "float32", "nhwc", fusion)
-    assert case.activation == "silu" and case.residual == fusion.startswith("residual")
+    assert case.epilogue.activation == "silu" and case.residual == fusion.startswith("residual")
     inputs = numerics.make_inputs(case, DEVICE)
     ref = numerics.reference(case, inputs)
     # bn(x) [+ r] without activation (_f64_batch_norm adds inputs.residual when there is one)

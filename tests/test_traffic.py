@@ -91,7 +91,7 @@ def test_fused_silu_traffic(tmp_path):
     df = _traffic(tmp_path, "--fusions", "none,silu,residual+silu", "--layouts", "nchw,nhwc",
                   "--shapes", "12x4x28x28,8x16x7x7")
     key = ["op", "stats", "layout", "N", "C", "H", "W", "path"]
-    plain = df[df.fusion == "-"].set_index(key).elem_B_per_elem
+    plain = df[df.fusion == "none"].set_index(key).elem_B_per_elem
     silu = df[df.fusion == "silu"].set_index(key).elem_B_per_elem
     assert len(silu) == len(plain) >= 8 and (silu == plain.loc[silu.index]).all()
     res = df[df.fusion == "residual+silu"]

@@ -20,7 +20,7 @@ import torch
 import triton
 
 import kernels
-from bnbench import aot
+from bnbench import aot, registry
 from kernels import _triton_internals as internals
 from kernels import _versions
 
@@ -245,9 +245,9 @@ def test_record_launches_on_installed_triton():
     from triton.runtime.jit import JITFunction
 
     before = dict(vars(JITFunction))
-    name, thunk = aot.scenarios()[0]
-    with internals.record_launches(name) as launches:
-        thunk()
+    scenario = registry.compile_variants()[0]
+    with internals.record_launches(scenario.name) as launches:
+        scenario.launch("empty")
     assert launches and {type(l.fn).__name__ for l in launches} <= {"JITFunction",
                                                                      "InterpretedFunction"}
     assert dict(vars(JITFunction)) == before
@@ -264,7 +264,7 @@ def test_aot_compiles_on_installed_triton():
     compile gives registers and 16-byte loads."""
     script = (
         "import json, bnbench.aot as a\n"
-        "l = a.recorded_launches(r'^eval \\(32, 64, 56, 56\\) nchw torch.float32')[0]\n"
+        "l = a.recorded_launches(r'^eval nchw float32/float32 general')[0]\n"
         "r = a.compile_launch(l, 90)\n"
         "print(json.dumps(dict(error=r.error, regs=r.registers, "
         "load=r.max_load_bytes)))\n"
@@ -437,8 +437,7 @@ def test_aot_main_unavailable_exit_2():
         "import sys, triton.runtime.jit as j\n"
         "j.create_function_from_signature = lambda: None\n"
         "import bnbench.aot as a\n"
-        "sys.exit(a.main(['--arch', '90', '--match', '^eval \\\\(32, 64, 56, 56\\\\) nchw "
-        "torch.float32']))\n")
+        "sys.exit(a.main(['--arch', '90', '--match', '^eval nchw float32/float32 general']))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=600)
@@ -453,5 +452,5 @@ def test_inspect_runs_outside_the_source_tree(monkeypatch, tmp_path):
     from bnbench import inspect as bn_inspect
 
     monkeypatch.chdir(tmp_path)
-    df = bn_inspect.compile_variants((90,), r"^eval \(32, 64, 56, 56\) nchw torch.float32")
+    df = bn_inspect.compile_variants((90,), r"^eval nchw float32/float32 general")
     assert len(df) and (df.error == "").all() and (df.registers > 0).all()

@@ -93,19 +93,13 @@ class Impl:
 
 
 def make_epilogue():
-    """``epilogue(y, residual=None, activation=None)``: ``y += residual``, then ``relu_`` or
-    ``F.silu(y, inplace=True)``; in place, as torchvision's ResNet blocks do."""
-    import torch
-    import torch.nn.functional as F
+    """``epilogue(y, residual=None, activation=None)``: ``y += residual``, then the activation
+    in place (``relu_``, ``F.silu(y, inplace=True)``), as torchvision's ResNet blocks do
+    (``kernels.Epilogue.apply``)."""
+    from kernels import Epilogue
 
     def epilogue(y, residual=None, activation=None):
-        if residual is not None:
-            y += residual
-        if activation is True or activation == "relu":
-            y = torch.relu_(y)
-        elif activation == "silu":
-            y = F.silu(y, inplace=True)
-        return y
+        return Epilogue.of(residual is not None, activation).apply(y, residual, inplace=True)
     return epilogue
 
 

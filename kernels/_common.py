@@ -19,7 +19,11 @@ Row offsets are computed in int64: ``N*C*H*W`` may pass 2**31.
 """
 
 import enum
+from typing import NamedTuple
 
+import torch
+import torch.nn.functional as F
+from torch import nn
 import triton
 import triton.language as tl
 
@@ -27,6 +31,34 @@ import triton.language as tl
 ACT_NONE = tl.constexpr(0)  # y = z
 ACT_RELU = tl.constexpr(1)  # y = max(z, 0)
 ACT_SILU = tl.constexpr(2)  # y = z * sigmoid(z)
+
+
+def _silu_grad(z):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+class Activation(NamedTuple):
+    """One activation: its ACTIVATION constexpr (the kernels' own code is _activate and
+    _activation_grad below), the same maths in torch ops (the reference, the CPU fallback,
+    the baselines' epilogue, the formulas of higher-order autograd in kernels.ops) and the
+    torch module a model applies it with (which folding and zoo conversion fuse)."""
+
+    constexpr: object
+    torch: object  # (z, inplace) -> act(z)
+    derivative: object  # z -> d act(z) / dz
+    module: type
+
+
+# A new activation: an entry here, its Epilogue members, its branch in _activate and
+# _activation_grad.
+ACTIVATION_TABLE = {
+    "none": Activation(ACT_NONE, lambda z, inplace: z, torch.ones_like, nn.Identity),
+    "relu": Activation(ACT_RELU, lambda z, inplace: torch.relu_(z) if inplace else torch.relu(z),
+                       lambda z: (z > 0).to(z.dtype), nn.ReLU),
+    "silu": Activation(ACT_SILU, lambda z, inplace: F.silu(z, inplace=inplace), _silu_grad,
+                       nn.SiLU),
+}
 
 
 class Epilogue(enum.Enum):
@@ -60,7 +92,18 @@ class Epilogue(enum.Enum):
     @property
     def ACTIVATION(self):
         """The value of the kernels' ACTIVATION constexpr (ACT_NONE, ACT_RELU or ACT_SILU)."""
-        return {"none": ACT_NONE, "relu": ACT_RELU, "silu": ACT_SILU}[self.activation].value
+        return ACTIVATION_TABLE[self.activation].constexpr.value
+
+    def apply(self, y, residual=None, inplace=False):
+        """The epilogue in torch ops: act(y [+ residual]); `inplace`: ``y += residual`` and
+        the activation in place (as torchvision's blocks write it)."""
+        if self.residual:
+            y = y.add_(residual) if inplace else y + residual
+        return ACTIVATION_TABLE[self.activation].torch(y, inplace)
+
+    def derivative(self, z):
+        """d act(z) / dz in torch ops, z the activation's input."""
+        return ACTIVATION_TABLE[self.activation].derivative(z)
 
     @classmethod
     def of(cls, residual, activation=None):
@@ -73,8 +116,9 @@ class Epilogue(enum.Enum):
             activation = "none"
         key = (bool(residual), activation) if isinstance(activation, str) else None
         if key not in _EPILOGUES:
-            raise ValueError(
-                f"activation must be None, 'relu' or 'silu', got {activation!r}")
+            *names, last = ["None"] + [repr(a) for a in ACTIVATION_TABLE if a != "none"]
+            raise ValueError(f"activation must be {', '.join(names)} or {last}, "
+                             f"got {activation!r}")
         return _EPILOGUES[key]
 
 

@@ -123,23 +123,11 @@ def set_interpreter_plans(fast):
 
 
 def current_policy():
-    """The policy `plan` uses when given none: the innermost `planning` context's (also in a
-    backward run from it), else the process default."""
+    """The policy `plan` uses when given none: the innermost `planning` context's, else the
+    process default.  (Autograd runs a CUDA backward on a thread of its own, where the
+    caller's context is not set: kernels.ops carries the forward's policy to it.)"""
     policy = _context_policy.get()
-    if policy is None:
-        policy = _backward_caller_policy()
     return _default_policy if policy is None else policy
-
-
-def _backward_caller_policy():
-    """The `planning` policy of the code that called backward(), seen from one of autograd's
-    device threads (a CUDA backward runs there, where the caller's context variables are
-    not set): torch stashes the caller's context in the thread-local state it carries to
-    those threads (torch 2.13 does; 2.11 does not, and there such a backward gets the
-    process default).  None outside a backward or without that stash."""
-    if torch._C._current_graph_task_id() == -1 or not torch._C._is_key_in_tls("context"):
-        return None
-    return torch._C._get_obj_in_tls("context").get(_context_policy)
 
 
 @contextlib.contextmanager

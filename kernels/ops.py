@@ -44,12 +44,13 @@ from torch import Tensor
 
 from . import _triton_internals
 from . import forward as _fwd
-from ._common import Epilogue
+from ._common import ACTIVATION_TABLE, Epilogue
 from ._layout import empty_output
+from ._plan import current_policy, planning
 from .backward import bn_backward
 from .forward import STATS_MODES, acc_dtype, bn_forward_eval, bn_forward_train
 
-ACTIVATIONS = (None, "relu", "silu")
+ACTIVATIONS = (None, *(a for a in ACTIVATION_TABLE if a != "none"))  # what activation= takes
 INTERPRETED = type(_fwd._bn_fwd_apply_kernel).__name__ == "InterpretedFunction"
 if INTERPRETED:
     _triton_internals.install()  # skips the interpreter's redundant re-patching (speed only)
@@ -146,14 +147,6 @@ def _(dy, x, y, weight, bias, mean, rstd, training, epilogue, grad_mask, residua
 # ---------------------------------------------------------------------------------------------
 # the same maths in torch ops: higher-order and forward-mode autograd, and the fallback
 
-def _act_grad(z, epilogue):
-    """d act(z) / dz for the epilogue's activation (relu or silu)."""
-    if epilogue.activation == "relu":
-        return (z > 0).to(z.dtype)
-    s = torch.sigmoid(z)  # silu
-    return s * (1 + z * (1 - s))
-
-
 def _pre_activation(xhat, weight, bias, residual, shape):
     """z = xhat * w + b [+ r], the value the activation is applied to."""
     z = xhat if weight is None else xhat * weight.to(xhat.dtype).view(shape)
@@ -186,7 +179,7 @@ def _composite_grads(dy, x, weight, bias, residual, mean, rstd, training, eps, e
     xhat = xc * rstd
     g = dy.to(acc)
     if epilogue.activation != "none":
-        g = g * _act_grad(_pre_activation(xhat, weight, bias, residual, shape), epilogue)
+        g = g * epilogue.derivative(_pre_activation(xhat, weight, bias, residual, shape))
     gw = g if weight is None else g * weight.to(acc).view(shape)
     if training:
         dx = rstd * (gw - gw.mean(red, keepdim=True) - xhat * (gw * xhat).mean(red, keepdim=True))
@@ -219,7 +212,7 @@ def _composite_jvp(x, weight, bias, residual, mean, rstd, tx, tw, tb, tr, traini
     if tr is not None:
         dz = dz + tr.to(acc)
     if epilogue.activation != "none":
-        dz = dz * _act_grad(_pre_activation(xhat, weight, bias, residual, shape), epilogue)
+        dz = dz * epilogue.derivative(_pre_activation(xhat, weight, bias, residual, shape))
     return dz.to(x.dtype)
 
 
@@ -230,15 +223,8 @@ def torch_batch_norm(input, running_mean, running_var, weight, bias, training, m
 
     The CPU fallback, the path ONNX export and torch.jit.trace record, and the reference
     the tests compare with (on float64 inputs).  `activation`: None, "relu" or "silu"."""
-    epilogue = Epilogue.of(residual is not None, activation)
     y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if epilogue.residual:
-        y = y + residual
-    if epilogue.activation == "relu":
-        y = torch.relu(y)
-    elif epilogue.activation == "silu":
-        y = F.silu(y)
-    return y
+    return Epilogue.of(residual is not None, activation).apply(y, residual)
 
 
 def _has_tangent(tensors):
@@ -341,7 +327,20 @@ class _BatchNormFunction(torch.autograd.Function):
 
 class _BatchNormFunctionEager(_BatchNormFunction):
     """The rule with forward-mode AD, used outside torch.compile (Dynamo refuses to trace an
-    autograd.Function that defines jvp; a compiled graph needs no forward AD)."""
+    autograd.Function that defines jvp; a compiled graph needs no forward AD).  It also
+    carries the forward's launch-planning policy (``kernels.planning``) to the backward,
+    which autograd runs on a thread of its own for CUDA tensors, where the caller's context
+    is not set."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _BatchNormFunction.setup_context(ctx, inputs, output)
+        ctx.plan_policy = current_policy()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with planning(ctx.plan_policy):
+            return _BatchNormFunction.backward(ctx, *grads)
 
     @staticmethod
     def jvp(ctx, tx, tw, tb, tr, *_):

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._common import ACTIVATION_TABLE
 from .fold import BatchNormInference
 from .modules import BatchNorm2d
 
@@ -51,7 +52,7 @@ KNOWN = {
     "torchvision.ops.misc.FrozenBatchNorm2d": "frozen",
 }
 # the activations the kernels fuse, by exact class
-FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}
+FUSED_ACTIVATIONS = {a.module: name for name, a in ACTIVATION_TABLE.items() if name != "none"}
 
 
 def _qualname(cls):

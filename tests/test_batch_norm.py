@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import kernels
+from bnbench import registry
 from helpers import assert_close, f64
-from kernels import torch_batch_norm
+from kernels import Epilogue, torch_batch_norm
 
 SHAPES = [
     pytest.param((3, 5, 17, 13), id="3x5x17x13"),  # odd sizes, masks everywhere
@@ -20,16 +21,13 @@ SHAPES = [
     pytest.param((4, 3, 33, 5), id="C3"),  # C not a power of two, long odd rows
 ]
 LAYOUTS = ["nchw", "channels_last", "channel_slice", "spatial_stride"]
-STATS = ["single_pass", "two_pass"]
-# (input dtype, parameter dtype): matching dtypes and the autocast pattern
-DTYPES = [
-    pytest.param((torch.float32, torch.float32), id="fp32"),
-    pytest.param((torch.float64, torch.float64), id="fp64"),
-    pytest.param((torch.float16, torch.float16), id="fp16"),
-    pytest.param((torch.bfloat16, torch.bfloat16), id="bf16"),
-    pytest.param((torch.float16, torch.float32), id="fp16-fp32params"),
-    pytest.param((torch.bfloat16, torch.float32), id="bf16-fp32params"),
-]
+STATS = list(registry.STATS)
+SHORT = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
+# (input dtype, parameter dtype): the registry's pairs, matching dtypes and the autocast pattern
+DTYPES = [pytest.param((getattr(torch, d), getattr(torch, p)),
+                       id=SHORT[d] + ("" if d == p else f"-{SHORT[p]}params"))
+          for d, p in registry.DTYPE_PAIRS]
+FUSIONS = [e.value for e in Epilogue if e is not Epilogue.NONE]  # every epilogue but none
 
 
 def make_input(shape, layout, dtype, device, scale=2.0, shift=0.5):
@@ -138,15 +136,15 @@ def test_train_without_affine_or_running_stats(affine, running, layout, stats, d
 
 @pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("fusion", ["relu", "residual", "residual+relu", "silu",
-                                    "residual+silu"])
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_train_fusions(fusion, layout, stats, device, path):
     """act(bn(x) + residual) and its gradients, the residual's included (act: relu, silu)."""
     shape = (3, 5, 9, 7)
+    epilogue = Epilogue(fusion)
     x = make_input(shape, layout, torch.float32, device, shift=0.0)
     w, b, rm, rv = make_params(5, torch.float32, device)
-    residual = make_input(shape, "nchw", torch.float32, device) if "residual" in fusion else None
-    activation = fusion.split("+")[-1] if fusion != "residual" else None
+    residual = make_input(shape, "nchw", torch.float32, device) if epilogue.residual else None
+    activation = None if epilogue.activation == "none" else epilogue.activation
     y = check_train_step(x, w, b, rm, rv, stats, residual=residual, activation=activation)
     if activation == "relu":
         assert (y == 0).any() and (y > 0).any(), "the ReLU case must have both signs"
@@ -181,7 +179,7 @@ def test_train_silu_large_values(layout, stats, dtype, device, path):
 
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "spatial_stride"])
-@pytest.mark.parametrize("fusion", [None, "relu", "residual+relu", "silu", "residual+silu"])
+@pytest.mark.parametrize("fusion", ["none"] + FUSIONS)
 def test_eval(dtypes, layout, fusion, device):
     """Fixed statistics: output and gradients, running stats untouched."""
     dtype, pdtype = dtypes
@@ -191,9 +189,10 @@ def test_eval(dtypes, layout, fusion, device):
     w.requires_grad_()
     b.requires_grad_()
     rm0, rv0 = rm.clone(), rv.clone()
+    epilogue = Epilogue(fusion)
     residual = (make_input(shape, "nchw", dtype, device).requires_grad_()
-                if fusion and "residual" in fusion else None)
-    activation = fusion.split("+")[-1] if fusion else None
+                if epilogue.residual else None)
+    activation = None if epilogue.activation == "none" else epilogue.activation
     xr, wr, br, rr = f64(x, True), f64(w, True), f64(b, True), f64(residual, True)
     y_ref = torch_batch_norm(xr, f64(rm), f64(rv), wr, br, False, 0.1, 1e-5, rr, activation)
     y = kernels.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, residual=residual,
@@ -270,7 +269,7 @@ def test_autotuned_kernels_update_running_stats_once(shape, stats, device, monke
 
 
 @pytest.mark.parametrize("stats", STATS)
-@pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[5]])
+@pytest.mark.parametrize("dtypes", [d for d in DTYPES if d.id in ("fp32", "bf16-fp32params")])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(7, 3, 31, 23), (5, 2, 3, 3)], ids=["general", "single-launch"])
 def test_fast_interpreter_plans(shape, layout, dtypes, stats, device):

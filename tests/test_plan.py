@@ -151,32 +151,28 @@ def test_planning_rejects_unknown_fields():
             pass
 
 
-class _Probe(torch.autograd.Function):
-    """Records, in its backward, the policy seen with none of the caller's context
-    variables set, as on the autograd device thread a CUDA backward runs on."""
+def _backward_kernels(y, fresh_context):
+    """The kernels the backward of `y` launches, run in an empty context (as on the thread
+    autograd runs a CUDA backward on, where the caller's context variables are not set)."""
+    from kernels._triton_internals import record_launches
 
-    seen = []
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        stashed = torch._C._is_key_in_tls("context")
-        _Probe.seen.append((stashed, contextvars.Context().run(_plan.current_policy)))
-        return grad
+    def backward():
+        with record_launches(execute=True) as launched:
+            y.sum().backward()
+        return {launch.fn.__name__ for launch in launched}
+    return contextvars.Context().run(backward) if fresh_context else backward()
 
 
-def test_a_backward_run_from_planning_sees_its_policy():
-    _Probe.seen.clear()
-    with kernels.planning(single_launch_max_elems=0) as policy:
-        _Probe.apply(torch.ones(2, requires_grad=True)).sum().backward()
-    _Probe.apply(torch.ones(2, requires_grad=True)).sum().backward()
-    (stashed, inside), (_, outside) = _Probe.seen
-    if not stashed:
-        pytest.skip("this torch does not carry the caller's context to autograd's threads")
-    assert (inside, outside) == (policy, GPU_PLANS)
+@pytest.mark.parametrize("fresh_context", [False, True], ids=["same-thread", "empty-context"])
+def test_a_backward_plans_with_its_forward_s_policy(fresh_context):
+    """kernels.batch_norm's backward is planned with the policy its forward saw, also where
+    the caller's context is not set."""
+    x = torch.randn(SINGLE, requires_grad=True)
+    with kernels.planning(single_launch_max_elems=0):
+        y = kernels.batch_norm(x, None, None, training=True)
+    assert "_bn_bwd_single_launch_kernel" not in _backward_kernels(y, fresh_context)
+    y = kernels.batch_norm(x, None, None, training=True)  # the default: single launch here
+    assert "_bn_bwd_single_launch_kernel" in _backward_kernels(y, fresh_context)
 
 
 def test_set_interpreter_plans_sets_the_default_and_returns_the_previous():

@@ -70,17 +70,17 @@ def recorded_launches(match=None):
     name must contain."""
     from bnbench import registry
 
+    scenarios = [s for s in registry.compile_variants() if not match or re.search(match, s.name)]
     launches, seen = [], set()
-    for scenario in registry.compile_variants():
-        if match and not re.search(match, scenario.name):
-            continue
-        with record_launches(scenario.name) as got:
-            scenario.launch("empty")
-        for launch in got:
-            key = (launch.fn.__name__, signature_key(launch))
-            if key not in seen:
-                seen.add(key)
-                launches.append(launch)
+    with registry.launch_context(scenarios):
+        for scenario in scenarios:
+            with record_launches(scenario.name) as got:
+                scenario.launch("empty")
+            for launch in got:
+                key = (launch.fn.__name__, signature_key(launch))
+                if key not in seen:
+                    seen.add(key)
+                    launches.append(launch)
     return launches
 
 

@@ -18,7 +18,6 @@ values.  The first call of kernels.SyncBatchNorm per (C, dtype, group) also exch
 Writes ``comm.csv`` (one row per implementation x phase x world size) and prints the table.
 """
 
-import socket
 import sys
 
 from .arguments import integers
@@ -73,15 +72,11 @@ def measure(channels=CHANNELS, shape=(4, 7, 7)):
 
     import kernels
 
+    from .registry import one_rank_group
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     out = {}
-    try:
-        group = dist.new_group([0])  # a "group" the module synchronises over even alone
+    with one_rank_group("nccl" if device == "cuda" else "gloo") as group:
         for stats in ("single_pass", "two_pass"):
             bn = kernels.SyncBatchNorm(channels, stats=stats, device=device)
             bn._group = lambda: group  # noqa: E731 - one rank, but take the synchronised path
@@ -98,8 +93,6 @@ def measure(channels=CHANNELS, shape=(4, 7, 7)):
                 out[(stats, "backward")] = list(calls)
             finally:
                 restore()
-    finally:
-        dist.destroy_process_group()
     return out
 
 

@@ -181,7 +181,7 @@ def checks():
     from . import registry
 
     found = {}  # setting (a check without its name) -> [check, variants its scenarios launch]
-    for scenario in registry.compile_variants():
+    for scenario in _plain(registry.compile_variants()):
         check = _check_of(scenario)
         with record_launches(scenario.name) as got:
             scenario.launch("meta")
@@ -194,6 +194,12 @@ def checks():
         chosen.add(check.name)
         left -= keys
     return [check for check, _ in found.values() if check.name in chosen]
+
+
+def _plain(scenarios):
+    """The scenarios of the single-process ops (the synchronised ones need a process group,
+    and the sweep does not run them)."""
+    return [s for s in scenarios if not s.variant.op.group]
 
 
 def _check_of(scenario):
@@ -381,13 +387,14 @@ def sweep_launches(cases):
 
 
 def _compile_list_launches():
-    """The launches of ``bnbench.registry.compile_variants`` (recorded, not run)."""
+    """The launches of ``bnbench.registry.compile_variants``' single-process ops (recorded,
+    not run)."""
     from kernels._triton_internals import record_launches
 
     from . import registry
 
     launches = []
-    for scenario in registry.compile_variants():
+    for scenario in _plain(registry.compile_variants()):
         with record_launches(scenario.name) as got:
             scenario.launch("empty")
         launches.extend(got)

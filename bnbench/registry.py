@@ -36,6 +36,7 @@ product of axes, :func:`coverage`), the tests (axis values), the README's table
 and its test.
 """
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable
@@ -81,9 +82,10 @@ class Op:
             :func:`make_tensors`).
         min_elements, recompute_elements: (epilogue) -> x-sized tensors moved (module
             docstring).
-        outputs: names of the x-sized outputs, as :func:`make_tensors` / launch name them.
+        inputs: names of its x-sized inputs (as :func:`make_tensors` names them).
         targets: (stats, path) -> (element bytes per element of x in units of E,
             launches): the targets an fp32 op without epilogue is held to.
+        group: launched in a process group (the synchronised ops: :func:`one_rank_group`).
     """
 
     name: str
@@ -94,6 +96,7 @@ class Op:
     recompute_elements: Callable
     inputs: tuple
     targets: dict = field(default_factory=dict)
+    group: bool = False  # launched in a process group (the synchronised ops)
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,86 @@ EVAL = Op(
 OPS = {op.name: op for op in (TRAIN_FWD, TRAIN_BWD, EVAL)}
 
 
+def _sync_train_fwd(t, v):
+    import torch
+
+    y, mean, rstd, count = torch.ops.bnbench.sync_batch_norm_train(
+        t["x"], t["weight"], t["bias"], t["residual"], t["running_mean"], t["running_var"],
+        t["num_batches_tracked"], MOMENTUM, EPS, v.stats, v.epilogue.value, t["group"])
+    return dict(y=y, mean=mean, rstd=rstd, count=count)
+
+
+def _sync_train_bwd(t, v):
+    import torch
+
+    C = t["x"].shape[1]
+    count = t["mean"].new_full((C,), t["x"].numel() // C)
+    need = [n and present for n, present in zip(
+        GRADS[v.option("grads")], (True, t["weight"] is not None, t["bias"] is not None,
+                                   v.epilogue.residual))]
+    dx, dweight, dbias, dres = torch.ops.bnbench.sync_batch_norm_backward(
+        t["dy"], t["x"], t["y"], t["weight"], t["bias"], t["residual"], t["mean"], t["rstd"],
+        count, v.epilogue.value, t["group"], need)
+    return {k: g if n else None for k, g, n in zip(("dx", "dweight", "dbias", "dresidual"),
+                                                   (dx, dweight, dbias, dres), need)}
+
+
+# The synchronised op (kernels.SyncBatchNorm): the statistics launches, the collectives of
+# bnbench comm between them, the eval kernel with the merged statistics; the backward's
+# general path with one all_reduce.  Launched in a process group (one_rank_group() outside a
+# distributed job); the least traffic is the plain op's.
+SYNC_TRAIN_FWD = Op(
+    "sync_train_fwd", STATS,
+    options=dict(affine=(True, False), running=(True, False), cumulative=(False, True)),
+    launch=_sync_train_fwd, min_elements=TRAIN_FWD.min_elements,
+    recompute_elements=TRAIN_FWD.recompute_elements, inputs=("x", "residual"),
+    targets={("single_pass", "general"): (3, 2), ("two_pass", "general"): (4, 3)},
+    group=True,
+)
+SYNC_TRAIN_BWD = Op(
+    "sync_train_bwd", ("-",),
+    options=dict(affine=(True, False), grads=("all", "no_dx")),
+    launch=_sync_train_bwd, min_elements=TRAIN_BWD.min_elements,
+    recompute_elements=TRAIN_BWD.recompute_elements, inputs=("x", "dy", "y", "residual"),
+    targets={("-", "general"): (5, 2)}, group=True,
+)
+SYNC_OPS = {op.name: op for op in (SYNC_TRAIN_FWD, SYNC_TRAIN_BWD)}
+ALL_OPS = {**OPS, **SYNC_OPS}
+
+
+@contextlib.contextmanager
+def one_rank_group(backend="gloo"):
+    """A process group of this process alone (a fresh ``torch.distributed`` world of one,
+    on 127.0.0.1), so that the synchronised ops take their synchronised path outside a
+    distributed job; yields it (``new_group([0])``).  The world is destroyed on exit."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        group = dist.new_group([0])
+        _GROUPS.append(group.group_name)
+        yield group
+    finally:
+        _GROUPS.pop() if _GROUPS else None
+        dist.destroy_process_group()
+
+
+_GROUPS = []  # names of the groups one_rank_group() opened, innermost last
+
+
+def launch_context(scenarios):
+    """The context the `scenarios` launch in: :func:`one_rank_group` when one of them is a
+    synchronised op, else none."""
+    needed = any(s.variant.op.group for s in scenarios)
+    return one_rank_group() if needed else contextlib.nullcontext()
+
+
 def variants(op, epilogue_names=None, layouts=LAYOUTS, dtype_pairs=DTYPE_PAIRS, options=None):
     """Every variant of `op` over the given axis values (epilogues: all by default;
     options: name -> values, default: only the defaults)."""
@@ -241,6 +324,14 @@ def make_tensors(variant, shape, kind="real", seed=0):
         t.update(dy=big(), y=big(), mean=new(C, acc), rstd=new(C, acc, positive=True))
         if kind == "real":
             _saved_statistics(t, variant)
+    if variant.op.group:
+        if not _GROUPS:
+            raise RuntimeError(f"{variant.op.name} launches in a process group: call it "
+                               "within bnbench.registry.one_rank_group()")
+        if kind == "meta":
+            raise ValueError(f"{variant.op.name}'s collectives need tensors with storage: "
+                             "kind 'real' or 'empty'")
+        t["group"] = _GROUPS[-1]
     return t
 
 
@@ -253,7 +344,7 @@ def _saved_statistics(t, variant):
 
     x = t["x"].double()
     red = [0, *range(2, x.dim())]
-    if variant.option("training"):
+    if "training" not in variant.op.options or variant.option("training"):
         var, mean = torch.var_mean(x, dim=red, correction=0)
     else:
         mean, var = t["running_mean"].double(), t["running_var"].double()
@@ -325,15 +416,19 @@ def _scenario(variant, shape_class):
 
 
 def compile_variants():
-    """The compile list: every op on every shape class, layout and compiled dtype pair;
-    then, on the aligned fp32 shapes in both layouts, every epilogue and every non-default
-    option value of every op one at a time, and :data:`COMPILE_COMBINATIONS`.  Whether it
-    covers every constexpr value the full product of axes reaches is computed
-    (:func:`coverage`), not assumed."""
+    """The compile list: every single-process op on every shape class, layout and compiled
+    dtype pair, the synchronised ops in fp32 on every shape class; then, on the aligned
+    fp32 shapes in both layouts, every epilogue and every non-default option value of
+    every single-process op one at a time, and :data:`COMPILE_COMBINATIONS`.  Whether it
+    covers every constexpr value, pointer-type pattern and num_warps the full product of
+    axes reaches is computed (:func:`coverage`), not assumed."""
     out = []
     for cls, dtypes in COMPILE_DTYPES.items():
         for op in OPS.values():
             out += [_scenario(v, cls) for v in variants(op, ("none",), LAYOUTS, dtypes)]
+    for cls, op in itertools.product(SHAPE_CLASSES, SYNC_OPS.values()):
+        # the single-process ops' kernels, general path only: fp32 covers what they add
+        out += [_scenario(v, cls) for v in variants(op, ("none",), LAYOUTS, (_F32,))]
     none = epilogues(("none",))[0]
     for cls in ("general", "single_launch"):
         for op in OPS.values():
@@ -353,7 +448,7 @@ def compile_variants():
 def full_product():
     """Every variant of every op (all axes, all option values) on every shape class."""
     for cls in SHAPE_CLASSES:
-        for op in OPS.values():
+        for op in ALL_OPS.values():
             for v in variants(op, options=op.options):
                 yield _scenario(v, cls)
 
@@ -375,16 +470,19 @@ def features(launch):
     return out
 
 
-def reached_features(scenarios, kind="meta"):
-    """The union of :func:`features` over the launches `scenarios` record."""
+def reached_features(scenarios):
+    """The union of :func:`features` over the launches `scenarios` record (on meta tensors;
+    the synchronised ops, whose collectives run, on empty ones)."""
     from kernels._triton_internals import record_launches
 
+    scenarios = list(scenarios)
     reached = set()
-    for s in scenarios:
-        with record_launches(s.name) as got:
-            s.launch(kind)
-        for launch in got:
-            reached |= features(launch)
+    with launch_context(scenarios):
+        for s in scenarios:
+            with record_launches(s.name) as got:
+                s.launch("empty" if s.variant.op.group else "meta")
+            for launch in got:
+                reached |= features(launch)
     return reached
 
 
@@ -487,7 +585,7 @@ def variants_markdown():
     lines = ["| op | stats | options (default first) | least x-sized tensors moved, by "
              "epilogue | targets, fp32 without epilogue: B/elem, launches |",
              "|---|---|---|---|---|"]
-    for op in OPS.values():
+    for op in ALL_OPS.values():
         opts = "; ".join(f"{k} {'/'.join(str(v) for v in vs)}" for k, vs in op.options.items())
         by_count = {}
         for e in epilogues():

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .arguments import choices
 from .cases import DTYPE_ALIASES
-from .registry import LAYOUTS
+from .registry import HARNESS_FUSIONS, LAYOUTS
 from .shapes import shape_list
 
 # Scaled-down stand-ins the interpreter runs in seconds, with the code paths of the real shapes:
@@ -41,7 +41,7 @@ from .shapes import shape_list
 # (256, 8, 7, 7) like (256, 2048, 7, 7) at large batch: general path, small H*W;
 # (8, 16, 7, 7) like (2048, 7, 7) at small batch: the single-launch path.
 SCALED_SHAPES = ((16, 4, 28, 28), (256, 8, 7, 7), (8, 16, 7, 7))
-FUSIONS = ("none", "relu", "residual+relu", "silu", "residual+silu")
+FUSIONS = HARNESS_FUSIONS
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 FULL_SCALE_BATCHES = (1, 8, 32, 64, 128, 256)
 

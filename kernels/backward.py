@@ -20,7 +20,7 @@ Where it fused a SiLU, z itself is recomputed from x, mean, rstd, w and b, plus
 the residual read again when there was one (SiLU cannot be inverted from y).
 
 Single-launch path: when a channel group's whole plane fits in one tile
-(kernels._layout), one launch reads x and dy once, reduces in registers and
+(kernels._plan), one launch reads x and dy once, reduces in registers and
 writes dx (and dweight, dbias).
 
 General path, launches: (1) per-split partial sums of g and g * x_hat, one read of x and

@@ -25,7 +25,7 @@ merge as they are):
   which cancels catastrophically (mean 1e4, std 1 gives negative variances).
 
 Single-launch path: when a channel group's whole plane fits in one tile
-(kernels._layout), one launch reads x once into registers, computes the
+(kernels._plan), one launch reads x once into registers, computes the
 statistics there (single_pass: exact summaries of row blocks merged with Chan's formula
 in its k-way form;
 two_pass: mean, then centred sum of squares) and writes y.
@@ -85,7 +85,7 @@ def _bn_fwd_stats_kernel(
     count_ptr,  # [split, C] out (WELFORD): elements each program saw per channel
     part_a_ptr,  # [split, C] out: shifted sums (SUM) or shifted means (WELFORD); in: (CENTRED)
     part_b_ptr,  # [split, C] out: centred sums of squares (CENTRED) or M2 (WELFORD)
-    C, n_rows, n_cols, n_col_blocks,  # plane geometry (see kernels._layout.Plan)
+    C, n_rows, n_cols, n_col_blocks,  # plane geometry (see kernels._plan.Plan)
     tiles, tiles_per_prog, split,  # tiles per channel group, per program; programs per group
     count,  # M = N*HW, elements per channel (CENTRED: divides the merged sums)
     stride_x_row, stride_x_chan,  # x: stride between rows; between channels (0 in NHWC)
@@ -395,7 +395,7 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         momentum: running-stats factor.
         eps: added to the variance.
         stats: "single_pass" (Welford/Chan, x read twice) or "two_pass" (x read 3 times);
-            on the single-launch path (kernels._layout), both read x once.
+            on the single-launch path (kernels._plan), both read x once.
         residual: tensor of x's shape added before the activation; given exactly when
             the epilogue has a residual.
         epilogue: the Epilogue applied after the affine step: the residual add (when

@@ -19,7 +19,7 @@ class _BatchNormKernels:
 
     Args:
         stats: "single_pass" (default) or "two_pass" batch statistics.
-        activation: None or "relu", fused after the affine step (and the residual).
+        activation: None, "relu" or "silu", fused after the affine step (and the residual).
 
     ``forward(input, residual=None)`` computes ``act(bn(input) + residual)``.
     A call that raises leaves the running stats and ``num_batches_tracked`` as they were.

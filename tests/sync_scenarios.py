@@ -17,7 +17,6 @@ import kernels
 from helpers import assert_close, f64
 
 C, H, W = 5, 4, 3
-ACTS = {None: lambda t: t, "relu": torch.relu, "silu": F.silu}
 
 
 def _slices(sizes):
@@ -63,8 +62,8 @@ def _step(ours, ref, rank, sizes, seed, dtype=torch.float32, layout="nchw", resi
     y.backward(_local(dy_all, part, layout))
     xr = f64(x_all, True)
     rr = f64(r_all, True) if residual else None
-    z = ref(xr) + (rr if residual else 0)
-    y_ref = ACTS[ours.activation](z)
+    # the reference: torch's BatchNorm2d (whole batch, float64), then the epilogue's torch ops
+    y_ref = kernels.Epilogue.of(residual, ours.activation).apply(ref(xr), rr)
     y_ref.backward(f64(dy_all))
     what = f"rank {rank}, {ours.stats}, {layout}, {dtype}, act={ours.activation}, res={residual}"
     assert_close(y, y_ref[part], dtype, f"y ({what})")

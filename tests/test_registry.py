@@ -35,7 +35,7 @@ def _f64(t, grad=False):
 def _reference(v, t):
     """The float64 results of variant `v` on tensors `t`: kernels.torch_batch_norm, autograd."""
     act = v.epilogue.activation
-    if v.op.name == "train_fwd":
+    if v.op.name.endswith("train_fwd"):
         rm, rv = _f64(t["running_mean"]), _f64(t["running_var"])
         momentum = 1.0 if v.option("cumulative") else registry.MOMENTUM  # 1 / (batches = 1)
         x = _f64(t["x"])
@@ -50,7 +50,7 @@ def _reference(v, t):
             _f64(t["bias"]), False, 0.0, registry.EPS, _f64(t["residual"]), act))
     x, r = _f64(t["x"], True), _f64(t["residual"], True)
     w, b = _f64(t["weight"], True), _f64(t["bias"], True)
-    training = v.option("training")
+    training = v.option("training") if "training" in v.op.options else True
     rm = None if training else _f64(t["running_mean"])
     rv = None if training else _f64(t["running_var"])
     y = kernels.torch_batch_norm(x, rm, rv, w, b, training, 0.0, registry.EPS, r, act)
@@ -61,15 +61,25 @@ def _reference(v, t):
     return {k: g if need[k] else None for k, g in grads.items()}
 
 
-@pytest.mark.parametrize("variant", [v for op in registry.OPS.values() for v in _points(op)],
+@pytest.fixture
+def group():
+    """A process group of this process alone, for the synchronised ops."""
+    with registry.one_rank_group() as g:
+        yield g
+
+
+@pytest.mark.parametrize("variant", [v for op in registry.ALL_OPS.values() for v in _points(op)],
                          ids=_variant_id)
-def test_each_variant_calls_its_host_function_as_it_says(variant):
+def test_each_variant_calls_its_host_function_as_it_says(variant, request):
     """run_variant on real tensors (make_tensors) matches the float64 reference of what the
-    variant declares: its statistics, epilogue, layout and options."""
+    variant declares: its statistics, epilogue, layout and options (the synchronised ops in
+    a group of one rank: the statistics of the whole batch)."""
+    if variant.op.group:
+        request.getfixturevalue("group")
     t = registry.make_tensors(variant, SHAPE, "real")
     expected = _reference(variant, t)
     out = registry.run_variant(variant, t)
-    if variant.op.name == "train_fwd":
+    if variant.op.name.endswith("train_fwd"):
         out.update(running_mean=t["running_mean"], running_var=t["running_var"])
     for name, ref in expected.items():
         got = out[name]
@@ -103,6 +113,13 @@ def test_saved_statistics_are_the_inputs_own():
     assert_close(t["mean"], mean, torch.float32, "mean")
     assert_close(t["rstd"], (var + registry.EPS).rsqrt(), torch.float32, "rstd")
     assert (t["y"] >= 0).all() and (t["y"] > 0).any()  # the forward's ReLU output
+
+
+def test_synchronised_ops_need_a_group():
+    v = registry.Variant(registry.SYNC_OPS["sync_train_fwd"], "single_pass",
+                         registry.epilogues(("none",))[0])
+    with pytest.raises(RuntimeError, match="one_rank_group"):
+        registry.make_tensors(v, SHAPE, "real")
 
 
 def test_names_are_the_kernels_own():
@@ -139,7 +156,7 @@ def test_compile_list_names_are_unique_and_span_every_op_and_shape_class():
     scenarios = registry.compile_variants()
     names = [s.name for s in scenarios]
     assert len(names) == len(set(names))
-    assert {s.variant.op.name for s in scenarios} == set(registry.OPS)
+    assert {s.variant.op.name for s in scenarios} == set(registry.ALL_OPS)
     assert {s.shape for s in scenarios} == set(registry.SHAPE_CLASSES.values())
 
 

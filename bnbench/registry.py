@@ -172,7 +172,7 @@ TRAIN_BWD = Op(
                  autotune=(False, True)),
     launch=_train_bwd,
     min_elements=lambda e: 3 + e.residual,
-    recompute_elements=lambda e: int(e.residual and e.activation != "none"),
+    recompute_elements=lambda e: int(e.reads_output or e.reads_residual),
     inputs=("x", "dy", "y", "residual"),
     targets={("-", "general"): (5, 2), ("-", "single_launch"): (3, 1)},
 )

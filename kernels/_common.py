@@ -48,6 +48,7 @@ class Activation(NamedTuple):
     torch: object  # (z, inplace) -> act(z)
     derivative: object  # z -> d act(z) / dz
     module: type
+    grad_from_output: bool = False  # act'(z) is known from y = act(z) (ReLU: y > 0)
 
 
 # A new activation: an entry here, its Epilogue members, its branch in _activate and
@@ -55,7 +56,7 @@ class Activation(NamedTuple):
 ACTIVATION_TABLE = {
     "none": Activation(ACT_NONE, lambda z, inplace: z, torch.ones_like, nn.Identity),
     "relu": Activation(ACT_RELU, lambda z, inplace: torch.relu_(z) if inplace else torch.relu(z),
-                       lambda z: (z > 0).to(z.dtype), nn.ReLU),
+                       lambda z: (z > 0).to(z.dtype), nn.ReLU, grad_from_output=True),
     "silu": Activation(ACT_SILU, lambda z, inplace: F.silu(z, inplace=inplace), _silu_grad,
                        nn.SiLU),
 }
@@ -88,6 +89,18 @@ class Epilogue(enum.Enum):
         """"none", "relu" or "silu"."""
         act = self.value.split("+")[-1]
         return "none" if act == "residual" else act
+
+    @property
+    def reads_output(self):
+        """The backward reads the forward's output y: after a residual, z cannot be
+        recomputed from x alone, and this activation's gradient is known from y."""
+        return self.residual and ACTIVATION_TABLE[self.activation].grad_from_output
+
+    @property
+    def reads_residual(self):
+        """The backward reads the residual again, to recompute z = x_hat * w + b + r."""
+        return (self.residual and self.activation != "none"
+                and not ACTIVATION_TABLE[self.activation].grad_from_output)
 
     @property
     def ACTIVATION(self):

@@ -271,14 +271,15 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, epilogue=Epilog
     Args:
         dy: grad of the output, shape of x (any strides: copied if they do not fit x's path).
         x: the forward's input.
-        y: the forward's output; read only for the ReLU mask after a residual
-            (Epilogue.RESIDUAL_RELU; may be None otherwise).
+        y: the forward's output; read only where ``epilogue.reads_output`` (the ReLU mask
+            after a residual; may be None otherwise).
         weight, bias: (C,) tensors or None.
         mean, rstd: (C,) statistics the forward normalised with (batch or running).
         training: the statistics were the batch's (adds their gradient terms to dx).
         epilogue: the forward's Epilogue (its residual add and activation).
-        residual: the forward's residual; needed (read once more) for
-            Epilogue.RESIDUAL_SILU, where z = x_hat * w + b + residual is recomputed.
+        residual: the forward's residual; needed (read once more) where
+            ``epilogue.reads_residual`` (SiLU after a residual: z = x_hat * w + b + residual
+            is recomputed).
             Else unused (may be None; must be None when the epilogue has no residual).
         need_*: which gradients to compute; the others are returned as None.
         sums_hook: for the synchronised op (kernels.sync): called as
@@ -295,10 +296,10 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, epilogue=Epilog
     if residual is not None and not epilogue.residual:
         raise ValueError(f"bn_backward: the epilogue {epilogue.value!r} adds no residual, but "
                          f"a residual tensor was given")
-    if epilogue is Epilogue.RESIDUAL_RELU and y is None:
-        raise ValueError("bn_backward: ReLU with a residual needs the forward's output y")
-    if epilogue is Epilogue.RESIDUAL_SILU and residual is None:
-        raise ValueError("bn_backward: SiLU with a residual needs the residual (to recompute z)")
+    if epilogue.reads_output and y is None:
+        raise ValueError(f"bn_backward: {epilogue.value} needs the forward's output y")
+    if epilogue.reads_residual and residual is None:
+        raise ValueError(f"bn_backward: {epilogue.value} needs the residual (to recompute z)")
     C = x.shape[1]
     dx = empty_output(x) if need_dx else None
     dres = empty_output(x) if (epilogue.residual and need_dresidual) else None
@@ -313,8 +314,8 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, epilogue=Epilog
 
     x, channels_last = choose_layout(x)
     dy = to_layout(dy, channels_last)
-    y = to_layout(y, channels_last) if epilogue is Epilogue.RESIDUAL_RELU else None
-    r = to_layout(residual, channels_last) if epilogue is Epilogue.RESIDUAL_SILU else None
+    y = to_layout(y, channels_last) if epilogue.reads_output else None
+    r = to_layout(residual, channels_last) if epilogue.reads_residual else None
     p = plan(x, channels_last, single_launch=sums_hook is None)
     acc = acc_dtype(x.dtype)
     need_sums = training or need_dweight or need_dbias or sums_hook is not None

@@ -263,7 +263,7 @@ class _BatchNormFunction(torch.autograd.Function):
         y, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         # the Triton backward reads y for relu(bn(x) + r); it recomputes the rest
-        y_saved = y if epilogue is Epilogue.RESIDUAL_RELU else None
+        y_saved = y if epilogue.reads_output else None
         ctx.save_for_backward(x, y_saved, weight, bias, residual, mean, rstd)
         ctx.save_for_forward(x, weight, bias, residual, mean, rstd)
         ctx.flags = (training, eps, epilogue)
@@ -283,7 +283,7 @@ class _BatchNormFunction(torch.autograd.Function):
                          need[2] and bias is not None, epilogue.residual and need[3]]
             grads = torch.ops.bnbench.batch_norm_backward(
                 dy, x, y, weight, bias, mean, rstd, training, epilogue.value, grad_mask,
-                residual if epilogue is Epilogue.RESIDUAL_SILU else None)
+                residual if epilogue.reads_residual else None)
             grads = [g if m else None for g, m in zip(grads, grad_mask)]
         grads = [g if n else None for g, n in zip(grads, need)]
         return (*grads, None, None, None, None, None, None, None, None)

@@ -196,7 +196,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias, residual, *_, epilogue, group = inputs
         y, mean, rstd, count = output
         ctx.mark_non_differentiable(mean, rstd, count)
-        y_saved = y if epilogue is Epilogue.RESIDUAL_RELU else None
+        y_saved = y if epilogue.reads_output else None
         ctx.save_for_backward(x, y_saved, weight, bias, residual, mean, rstd, count)
         ctx.flags = (epilogue, group)
 

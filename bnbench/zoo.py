@@ -219,6 +219,7 @@ def run_command(args):
     wanted = [m for m in MODELS if not args.models or any(s in m[1] for s in args.models)]
     for library, name, build, small in wanted:
         row = dict(library=library, model=name)
+        torch.manual_seed(0)  # the model's own initialisation: the same network every run
         try:
             model = randomise_batchnorms(build(timm, torchvision))
             fold = fold_check(model)

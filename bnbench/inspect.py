@@ -57,6 +57,18 @@ def summary(df):
         errors=("error", lambda e: int((e != "").sum())))
 
 
+def markdown(df):
+    """The README's table of compiled resources (one row per kernel, both archs), from an
+    inspect.csv."""
+    rows = ["| kernel | variants (sm_80 + sm_90) | registers/thread | spill bytes | shared "
+            "memory, B | widest load / store, B |", "|---|---|---|---|---|---|"]
+    for kernel, k in df.groupby("kernel"):
+        rows.append(f"| `{kernel}` | {len(k)} | {k.registers.min()}–{k.registers.max()} | "
+                    f"{k.spill_stores.sum() + k.spill_loads.sum()} | ≤ {k.shared_bytes.max()} | "
+                    f"{k.max_load_bytes.max()} / {k.max_store_bytes.max()} |")
+    return "\n".join(rows)
+
+
 def run_command(args):
     from bnbench.environment import stamp
 

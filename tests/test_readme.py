@@ -78,3 +78,20 @@ def test_stated_times_are_the_same_in_readme_and_help():
         assert stated in text
     # the test suite's length and its fast subset are stated
     assert "pytest -m quick" in text
+
+
+@pytest.mark.parametrize("table", ["operator variants", "compiled code"])
+def test_readme_tables_are_generated(table):
+    """The README's op table is the registry's (bnbench.registry.variants_markdown), its
+    compiled-code table the committed results/inspect.csv's (bnbench.inspect.markdown):
+    regenerate and paste rather than edit by hand."""
+    import pandas as pd
+
+    from bnbench import inspect, registry
+
+    if table == "operator variants":
+        expected = registry.variants_markdown()
+    else:
+        expected = inspect.markdown(pd.read_csv(ROOT / "results" / "inspect.csv",
+                                                keep_default_na=False))
+    assert expected in README.read_text(), f"README's {table} table is not:\n{expected}"

@@ -158,12 +158,3 @@ def test_compile_list_names_are_unique_and_span_every_op_and_shape_class():
     assert len(names) == len(set(names))
     assert {s.variant.op.name for s in scenarios} == set(registry.ALL_OPS)
     assert {s.shape for s in scenarios} == set(registry.SHAPE_CLASSES.values())
-
-
-def test_readme_table_is_the_registry_s():
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert registry.variants_markdown() in readme, (
-        "README's operator table differs from bnbench.registry.variants_markdown(): paste "
-        "its output")

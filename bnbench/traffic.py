@@ -166,6 +166,35 @@ def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
     return rows
 
 
+def markdown(df):
+    """The README's traffic table, from a traffic.csv: fp32 without epilogue, one row per
+    op, statistics mode and path; the largest count over the shapes, per layout."""
+    base = df[(df.fusion == "none") & (df.dtype == "float32")]
+    rows = ["| op | stats | path | read + write, B per element of x (nchw / nhwc) | minimum | "
+            "target | launches | per-channel B/elem |", "|---|---|---|---|---|---|---|---|"]
+    for (op, stats, path), g in base.groupby(["op", "stats", "path"], sort=False):
+        by_layout = " / ".join(f"{g[g.layout == layout].elem_B_per_elem.max():g}"
+                               for layout in LAYOUTS)
+        per_channel = g.per_channel_B_per_elem
+        rows.append(f"| {op} | {stats} | {path} | {by_layout} | {g.min_B_per_elem.max():g} | "
+                    f"≤ {g.target_B_per_elem.max():g} | {g.launches.max()} | "
+                    f"{per_channel.min():.2f}–{per_channel.max():.2f} |")
+    return "\n".join(rows)
+
+
+def parallelism_markdown(df, batches=(1, 8, 32, 256)):
+    """The README's parallelism table, from a parallelism.csv: the fewest programs in any
+    launch of any op, per shape, layout and batch size."""
+    df = df[df.N.isin(batches)]
+    pivot = df.pivot_table(index=["C", "H", "W"], columns=["layout", "N"],
+                           values="min_programs", aggfunc="min")
+    head = " | ".join(f"{layout} N={n}" for layout, n in pivot.columns)
+    rows = [f"| C, H, W | {head} |", "|---" * (len(pivot.columns) + 1) + "|"]
+    for (C, H, W), r in pivot.iterrows():
+        rows.append(f"| {C}, {H}, {W} | " + " | ".join(str(int(v)) for v in r) + " |")
+    return "\n".join(rows)
+
+
 def _stamp(df):
     """`df` with the metadata columns every bnbench CSV starts with (environment.stamp)."""
     from bnbench.environment import stamp

@@ -95,3 +95,16 @@ def test_readme_tables_are_generated(table):
         expected = inspect.markdown(pd.read_csv(ROOT / "results" / "inspect.csv",
                                                 keep_default_na=False))
     assert expected in README.read_text(), f"README's {table} table is not:\n{expected}"
+
+
+@pytest.mark.parametrize("table", ["traffic", "parallelism"])
+def test_readme_proxy_tables_are_the_committed_results(table):
+    """The README's traffic and parallelism tables are bnbench.traffic's markdown of the
+    committed results/traffic.csv and results/parallelism.csv."""
+    import pandas as pd
+
+    from bnbench import traffic
+
+    df = pd.read_csv(ROOT / "results" / f"{table}.csv")
+    expected = traffic.markdown(df) if table == "traffic" else traffic.parallelism_markdown(df)
+    assert expected in README.read_text(), f"README's {table} table is not:\n{expected}"

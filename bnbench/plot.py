@@ -142,7 +142,8 @@ def _panels(df, sharey=False):
 
 def _finish(fig, width, title, handles):
     """The figure's title (wrapped) and one legend for every panel, below them."""
-    fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 14))), fontsize=9)
+    lines = textwrap.wrap(title, width=int(width * 14), break_on_hyphens=False)
+    fig.suptitle("\n".join(lines), fontsize=9)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center",
                    ncols=min(len(handles), 6), fontsize=8, frameon=False)

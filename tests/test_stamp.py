@@ -91,7 +91,7 @@ def test_traffic_csv(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "bnbench.cli", "traffic", "--shapes", "2x3x5x5", "--fusions",
          "none", "--layouts", "nchw", "--no-parallelism", "--out", str(tmp_path)],
-        cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     df = assert_stamped(tmp_path / "traffic.csv",
                         method="triton interpreter (CPU); programs planned for 132 SMs")

@@ -440,7 +440,7 @@ def test_aot_main_unavailable_exit_2():
         "sys.exit(a.main(['--arch', '90', '--match', '^eval nchw float32/float32 general']))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=1800)
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(
         "unavailable: ahead-of-time binding needs")

@@ -208,11 +208,7 @@ def _check_of(scenario):
     from .registry import GRADS
 
     v = scenario.variant
-    options, epilogue = v.op.options, v.epilogue
-
-    def option(name, default):
-        return v.option(name) if name in options else default
-
+    epilogue, option = v.epilogue, v.option
     affine = option("affine", True)
     need = GRADS[option("grads", "all")]
     grads = (("x",) if need[0] else ()) + (("w", "b") if affine and need[1] else ())

@@ -111,7 +111,11 @@ class Variant:
     param_dtype: str = "float32"
     options: tuple = ()
 
-    def option(self, name):
+    def option(self, name, absent=None):
+        """The variant's value of option `name` (its op's default when not set), or
+        `absent` for an op without that option."""
+        if name not in self.op.options:
+            return absent
         return dict(self.options).get(name, self.op.options[name][0])
 
     def describe(self):
@@ -252,9 +256,11 @@ def one_rank_group(backend="gloo"):
     try:
         group = dist.new_group([0])
         _GROUPS.append(group.group_name)
-        yield group
+        try:
+            yield group
+        finally:
+            _GROUPS.pop()
     finally:
-        _GROUPS.pop() if _GROUPS else None
         dist.destroy_process_group()
 
 
@@ -281,8 +287,9 @@ def variants(op, epilogue_names=None, layouts=LAYOUTS, dtype_pairs=DTYPE_PAIRS, 
 def make_tensors(variant, shape, kind="real", seed=0):
     """The tensors `variant.op` reads, for x of `shape`, by name.
 
-    kind: "real" (random values on the CPU, as ``bnbench.numerics`` draws them; the
-    backward's saved statistics are x's own, its y the forward's output), "empty"
+    kind: "real" (random values on the CPU: normal, positive ones in [0.5, 1.5) for weight,
+    running_var and rstd; the backward's saved statistics are x's own, its y the forward's
+    output), "empty"
     (allocated on the CPU, not written: enough to compile a launch) or "meta" (no
     storage: launches can only be recorded).
     """
@@ -306,10 +313,9 @@ def make_tensors(variant, shape, kind="real", seed=0):
             return new((shape[0], *shape[2:], C), dtype).movedim(-1, 1)
         return new(shape, dtype)
 
-    options = variant.op.options
     affine = variant.option("affine")
-    running = variant.option("running") if "running" in options else True
-    cumulative = "cumulative" in options and variant.option("cumulative")
+    running = variant.option("running", True)
+    cumulative = variant.option("cumulative", False)
     t = dict(
         x=big(),
         weight=new(C, pdtype, positive=True) if affine else None,
@@ -344,7 +350,7 @@ def _saved_statistics(t, variant):
 
     x = t["x"].double()
     red = [0, *range(2, x.dim())]
-    if "training" not in variant.op.options or variant.option("training"):
+    if variant.option("training", True):
         var, mean = torch.var_mean(x, dim=red, correction=0)
     else:
         mean, var = t["running_mean"].double(), t["running_var"].double()
@@ -362,7 +368,7 @@ def _double(t):
 def run_variant(variant, tensors):
     """Launch `variant` (autotuned when its option says so: timed only on CUDA tensors);
     returns its outputs."""
-    if "autotune" in variant.op.options and variant.option("autotune"):
+    if variant.option("autotune", False):
         from kernels._tuning import autotuning
 
         with autotuning(timed=tensors["x"].is_cuda):

@@ -50,7 +50,7 @@ def _reference(v, t):
             _f64(t["bias"]), False, 0.0, registry.EPS, _f64(t["residual"]), act))
     x, r = _f64(t["x"], True), _f64(t["residual"], True)
     w, b = _f64(t["weight"], True), _f64(t["bias"], True)
-    training = v.option("training") if "training" in v.op.options else True
+    training = v.option("training", True)
     rm = None if training else _f64(t["running_mean"])
     rv = None if training else _f64(t["running_var"])
     y = kernels.torch_batch_norm(x, rm, rv, w, b, training, 0.0, registry.EPS, r, act)

@@ -19,15 +19,34 @@ input's memory format; other operands (residual, grad_output) that do not fit
 the chosen path are copied into it.  How the work is split is kernels._plan.
 """
 
+import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
+LAYOUT_CACHE_SIZE = 4096  # (shape, strides) pairs whose layout facts are kept
 
-def _spatial(t):
+
+class Layout(NamedTuple):
+    """What the kernels need to know of a tensor's sizes and strides (see the module
+    docstring): a pure function of (shape, strides), so it is computed once per pair."""
+
+    hw: int  # product of the spatial sizes
+    s_hw: Optional[int]  # the flattened spatial stride, None when HW <= 1 or they don't flatten
+    fits_nchw: bool
+    fits_nhwc: bool
+    in_place: bool  # read in place on the chosen path
+    channels_last: bool  # the chosen path
+    dense: bool  # the elements fill their span exactly once
+    strides_nchw: tuple  # (stride_row, stride_chan) on each path (meaningful where it fits)
+    strides_nhwc: tuple
+
+
+def _spatial_of(shape, stride):
     """(HW, stride_hw): stride_hw is None when HW <= 1 or the spatial dims do not flatten."""
-    hw = math.prod(t.shape[2:])
-    dims = [(s, st) for s, st in zip(t.shape[2:], t.stride()[2:]) if s != 1]
+    hw = math.prod(shape[2:])
+    dims = [(s, st) for s, st in zip(shape[2:], stride[2:]) if s != 1]
     if hw <= 1 or not dims:
         return hw, None
     for (_, outer), (inner_size, inner) in zip(dims, dims[1:]):
@@ -36,11 +55,9 @@ def _spatial(t):
     return hw, dims[-1][1]
 
 
-def fits(t, channels_last):
-    """True when `t` can be read in place on the given path."""
-    N, C = t.shape[0], t.shape[1]
-    hw, s_hw = _spatial(t)
-    s_n, s_c = t.stride(0), t.stride(1)
+def _fits(shape, stride, hw, s_hw, channels_last):
+    N, C = shape[0], shape[1]
+    s_n, s_c = stride[0], stride[1]
     if channels_last:
         if C > 1 and s_c != 1:
             return False
@@ -50,12 +67,52 @@ def fits(t, channels_last):
     return hw <= 1 or s_hw == 1
 
 
+def _is_dense(shape, stride):
+    expected = 1
+    for st, size in sorted((st, s) for s, st in zip(shape, stride) if s != 1):
+        if st != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _make_layout(shape, stride):
+    hw, s_hw = _spatial_of(shape, stride)
+    nchw = _fits(shape, stride, hw, s_hw, False)
+    nhwc = _fits(shape, stride, hw, s_hw, True)
+    if hw > 1 and nchw:
+        in_place, channels_last = True, False
+    elif nhwc:
+        in_place, channels_last = True, True
+    else:
+        in_place, channels_last = False, hw <= 1
+    return Layout(hw, s_hw, nchw, nhwc, in_place, channels_last, _is_dense(shape, stride),
+                  (stride[0], stride[1]), ((s_hw if hw > 1 else stride[0]), 0))
+
+
+_cached_layout = functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)(_make_layout)
+
+
+def layout(t):
+    """The Layout of tensor `t`, cached per (shape, strides); sizes that are not plain ints
+    (symbolic sizes while torch.compile traces dynamic shapes) are worked out uncached."""
+    shape, stride = t.shape, t.stride()
+    try:
+        return _cached_layout(shape, stride)
+    except TypeError:  # a SymInt is unhashable
+        return _make_layout(shape, stride)
+
+
+def fits(t, channels_last):
+    """True when `t` can be read in place on the given path."""
+    facts = layout(t)
+    return facts.fits_nhwc if channels_last else facts.fits_nchw
+
+
 def strides(t, channels_last):
     """(stride_row, stride_chan) of a tensor that fits the path."""
-    hw, s_hw = _spatial(t)
-    if channels_last:
-        return (s_hw if hw > 1 else t.stride(0)), 0
-    return t.stride(0), t.stride(1)
+    facts = layout(t)
+    return facts.strides_nhwc if channels_last else facts.strides_nchw
 
 
 def layout_of(x):
@@ -63,18 +120,14 @@ def layout_of(x):
 
     Pure in sizes and strides, so fake (meta) tensors get the same answer.
     """
-    hw, _ = _spatial(x)
-    if hw > 1 and fits(x, False):
-        return True, False
-    if fits(x, True):
-        return True, True
-    return False, hw <= 1
+    facts = layout(x)
+    return facts.in_place, facts.channels_last
 
 
 def choose_layout(x):
     """(x or a contiguous copy of it, channels_last)."""
-    in_place, channels_last = layout_of(x)
-    return (x if in_place else x.contiguous()), channels_last
+    facts = layout(x)
+    return (x if facts.in_place else x.contiguous()), facts.channels_last
 
 
 def to_layout(t, channels_last):
@@ -92,20 +145,10 @@ def empty_for(shape, channels_last, dtype, device):
     return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=device).movedim(-1, 1)
 
 
-def _dense(t):
-    """True when t's elements fill their span exactly once (a permutation of contiguous)."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def empty_output(x):
     """The output for input `x`: x's own strides when x is dense and read in place
     (so the memory format is kept), else the path's native layout."""
-    in_place, channels_last = layout_of(x)
-    if in_place and _dense(x):
+    facts = layout(x)
+    if facts.in_place and facts.dense:
         return torch.empty_like(x)
-    return empty_for(x.shape, channels_last, x.dtype, x.device)
+    return empty_for(x.shape, facts.channels_last, x.dtype, x.device)

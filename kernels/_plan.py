@@ -99,6 +99,14 @@ class PlanPolicy:
     fast_interpreter: bool = False
     fast_tile_elems: int = FAST_TILE_ELEMS
 
+    def __hash__(self):  # hashed once: a policy is part of every plan's cache key
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash(dataclasses.astuple(self))
+            object.__setattr__(self, "_hash", h)
+            return h
+
     def fast_for(self, device):
         """True when launches on `device` take the fast interpreter plan (never on CUDA)."""
         return self.fast_interpreter and device.type != "cuda"
@@ -166,6 +174,8 @@ class Plan:
     num_warps: int
     single_launch: bool = False  # single-launch path: one program holds its channels' whole plane
 
+    __hash__ = PlanPolicy.__hash__  # hashed once: a plan is part of the launches' cache keys
+
     @property
     def programs(self):
         return self.groups * self.split
@@ -204,12 +214,12 @@ def plan(x, channels_last, *, merge=True, single_launch=True, policy=None):
     default the current one (`planning`).  Cached per key; sizes that are not plain ints
     (symbolic sizes while torch.compile traces dynamic shapes) are planned uncached.
     """
-    shape, stride = tuple(x.shape), tuple(x.stride())
-    key = (shape, stride, x.dtype, x.device, channels_last, merge, single_launch,
+    key = (x.shape, x.stride(), x.dtype, x.device, channels_last, merge, single_launch,
            current_policy() if policy is None else policy)
-    if all(type(s) is int for s in shape + stride):
+    try:
         return _cached_plan(*key)
-    return _make_plan(*key)
+    except TypeError:  # a SymInt is unhashable
+        return _make_plan(*key)
 
 
 def _make_plan(shape, stride, dtype, device, channels_last, merge, single_launch, policy):

@@ -30,6 +30,8 @@ programs write dx in a second read of x and dy.  Accumulation in fp32 (fp64
 for fp64 input); dx in x's dtype, dweight and dbias in the parameters' dtype.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +43,7 @@ from ._common import (
 from ._layout import choose_layout, empty_output, strides, to_layout
 from ._plan import plan
 from ._tuning import launcher
-from .forward import acc_dtype, tl_acc
+from .forward import STATIC_CACHE_SIZE, acc_dtype, tl_acc
 
 
 @triton.jit
@@ -320,22 +322,19 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, epilogue=Epilog
     acc = acc_dtype(x.dtype)
     need_sums = training or need_dweight or need_dbias or sums_hook is not None
     part_g = part_gx = None
-    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                  ACTIVATION=epilogue.ACTIVATION, HAS_RESIDUAL=epilogue.residual,
-                  ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last,
-                  BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL)
-    y_strides = strides(y, channels_last) if y is not None else (0, 0)
-    r_strides = strides(r, channels_last) if r is not None else (0, 0)
     write_dx, write_dres = dx is not None, dres is not None
-    out_strides = (*(strides(dx, channels_last) if write_dx else (0, 0)),
-                   *(strides(dres, channels_last) if write_dres else (0, 0)))
+    in_strides, out_strides, common = _backward_static(
+        p, strides(x, channels_last), strides(dy, channels_last),
+        strides(y, channels_last) if y is not None else (0, 0),
+        strides(r, channels_last) if r is not None else (0, 0),
+        strides(dx, channels_last) if write_dx else (0, 0),
+        strides(dres, channels_last) if write_dres else (0, 0),
+        weight is not None, bias is not None, epilogue, x.dtype, channels_last)
     if p.single_launch:  # the single-launch path: x and dy read once
         kernel, opts = launcher(_bn_bwd_single_launch_kernel, p.num_warps)
         kernel[p.grid](
             x, dy, y, r, dx, dres, weight, bias, mean, rstd, dw, db,
-            C, p.n_rows, p.n_cols, float(p.count),
-            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
-            *out_strides,
+            C, p.n_rows, p.n_cols, float(p.count), *in_strides, *out_strides,
             TRAINING=training, WRITE_DX=write_dx, WRITE_DRES=write_dres,
             WRITE_DW=need_dweight, WRITE_DB=need_dbias, **common, **opts,
         )
@@ -346,8 +345,7 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, epilogue=Epilog
         kernel, opts = launcher(_bn_bwd_reduce_kernel, p.num_warps)
         kernel[p.grid](
             x, dy, y, r, weight, bias, mean, rstd, part_g, part_gx,
-            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog,
-            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
+            C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, *in_strides,
             **common, **opts,
         )
     count = float(p.count)
@@ -365,10 +363,22 @@ def bn_backward(dy, x, y, weight, bias, mean, rstd, *, training, epilogue=Epilog
         kernel[grid](
             x, dy, y, r, dx, dres, weight, bias, mean, rstd, part_g, part_gx, dw, db,
             C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split, count,
-            *strides(x, channels_last), *strides(dy, channels_last), *y_strides, *r_strides,
-            *out_strides,
+            *in_strides, *out_strides,
             TRAINING=training, NEED_SUMS=need_sums, WRITE_DX=write_dx, WRITE_DRES=write_dres,
             WRITE_DW=need_dweight, WRITE_DB=need_dbias, BLOCK_SPLIT=p.BLOCK_SPLIT, **common,
             **opts,
         )
     return dx, dw, db, dres
+
+
+@functools.lru_cache(maxsize=STATIC_CACHE_SIZE)
+def _backward_static(p, x_strides, dy_strides, y_strides, r_strides, dx_strides, dres_strides,
+                     has_weight, has_bias, epilogue, dtype, channels_last):
+    """The backward launches' arguments that follow from the plan and the operands' strides:
+    (input strides, output strides, the constexprs every backward kernel takes), computed
+    once per key."""
+    common = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=epilogue.ACTIVATION,
+                  HAS_RESIDUAL=epilogue.residual, ACC=tl_acc(dtype),
+                  CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL)
+    return ((*x_strides, *dy_strides, *y_strides, *r_strides), (*dx_strides, *dres_strides),
+            common)

@@ -43,6 +43,8 @@ x's dtype or float32.  y has x's dtype.  Saved mean and rstd are float32
 (float64 for float64 x).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -68,6 +70,7 @@ FROM_WELFORD = tl.constexpr(2)  # merged single-pass partials
 STATS_MODES = ("two_pass", "single_pass")
 # updated in place, so restored between autotune trials
 RUNNING_STATS = ("run_mean_ptr", "run_var_ptr")
+STATIC_CACHE_SIZE = 4096  # launches whose size and constexpr arguments are kept
 
 
 def acc_dtype(dtype):
@@ -339,20 +342,34 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
     count_buf, part_a, part_b = parts
     save_mean, save_rstd = saved
     res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
+    sizes, layout, flags = _apply_static(
+        p, strides(x, channels_last), strides(y, channels_last), res_strides, source,
+        update_running, num_batches_tracked is not None, weight is not None, bias is not None,
+        epilogue, x.dtype, channels_last)
     kernel, opts = launcher(_bn_fwd_apply_kernel, p.num_warps,
                             RUNNING_STATS if update_running else ())
     kernel[p.grid](
         x, y, residual, weight, bias, count_buf, part_a, part_b,
         running_mean, running_var, num_batches_tracked, save_mean, save_rstd,
-        p.C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
-        float(p.count), float(momentum), float(eps),
-        *strides(x, channels_last), *strides(y, channels_last), *res_strides,
-        SOURCE=source, UPDATE_RUNNING=update_running, CUMULATIVE=num_batches_tracked is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=epilogue.residual, ACTIVATION=epilogue.ACTIVATION,
-        ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
-        BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT, **opts,
+        *sizes, float(momentum), float(eps), *layout, **flags, **opts,
     )
+
+
+@functools.lru_cache(maxsize=STATIC_CACHE_SIZE)
+def _apply_static(p, x_strides, y_strides, res_strides, source, update_running, cumulative,
+                  has_weight, has_bias, epilogue, dtype, channels_last):
+    """The normalising launch's arguments that follow from its plan and flags: (sizes
+    before momentum and eps, strides after them, constexprs), computed once per key."""
+    sizes = (p.C, p.n_rows, p.n_cols, p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split,
+             float(p.count))
+    flags = dict(
+        SOURCE=source, UPDATE_RUNNING=update_running, CUMULATIVE=cumulative,
+        HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        HAS_RESIDUAL=epilogue.residual, ACTIVATION=epilogue.ACTIVATION,
+        ACC=tl_acc(dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
+        BLOCK_COL=p.BLOCK_COL, BLOCK_SPLIT=p.BLOCK_SPLIT,
+    )
+    return sizes, (*x_strides, *y_strides, *res_strides), flags
 
 
 def check_epilogue(epilogue, residual, where):
@@ -422,18 +439,16 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     p = plan(x, channels_last)
     res_strides = strides(residual, channels_last) if residual is not None else (0, 0)
     if p.single_launch:  # the single-launch path: x read once
+        sizes, layout, flags = _single_launch_static(
+            p, strides(x, channels_last), strides(y, channels_last), res_strides, stats,
+            running_mean is not None, num_batches_tracked is not None, weight is not None,
+            bias is not None, epilogue, x.dtype, channels_last)
         kernel, opts = launcher(_bn_fwd_single_launch_kernel, p.num_warps,
                                 RUNNING_STATS if running_mean is not None else ())
         kernel[p.grid](
             x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-            save_mean, save_rstd, C, p.n_rows, p.n_cols, float(p.count), float(momentum),
-            float(eps), *strides(x, channels_last), *strides(y, channels_last), *res_strides,
-            WELFORD=stats == "single_pass", UPDATE_RUNNING=running_mean is not None,
-            CUMULATIVE=num_batches_tracked is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=epilogue.residual,
-            ACTIVATION=epilogue.ACTIVATION,
-            ACC=tl_acc(x.dtype), CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW,
-            BLOCK_COL=p.BLOCK_COL, **opts,
+            save_mean, save_rstd, *sizes, float(momentum), float(eps), *layout, **flags,
+            **opts,
         )
         return y, save_mean, save_rstd
     part_shape = (p.split, C)
@@ -451,6 +466,21 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         running_mean is not None, epilogue, channels_last, num_batches_tracked,
     )
     return y, save_mean, save_rstd
+
+
+@functools.lru_cache(maxsize=STATIC_CACHE_SIZE)
+def _single_launch_static(p, x_strides, y_strides, res_strides, stats, update_running,
+                          cumulative, has_weight, has_bias, epilogue, dtype, channels_last):
+    """The single-launch forward's arguments that follow from its plan and flags (as
+    :func:`_apply_static`)."""
+    sizes = (p.C, p.n_rows, p.n_cols, float(p.count))
+    flags = dict(
+        WELFORD=stats == "single_pass", UPDATE_RUNNING=update_running, CUMULATIVE=cumulative,
+        HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=epilogue.residual,
+        ACTIVATION=epilogue.ACTIVATION, ACC=tl_acc(dtype), CHANNELS_LAST=channels_last,
+        BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL,
+    )
+    return sizes, (*x_strides, *y_strides, *res_strides), flags
 
 
 def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None,

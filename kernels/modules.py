@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _eager
 from .forward import STATS_MODES
-from .ops import ACTIVATIONS, batch_norm, check_batch_norm_args
+from .ops import ACTIVATIONS, batch_norm, check_batch_norm_args, torch_batch_norm
 
 
 class _BatchNormKernels:
@@ -54,15 +55,27 @@ class _BatchNormKernels:
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         momentum = 0.0 if self.momentum is None else self.momentum
+        counts = (self.training and self.track_running_stats
+                  and self.num_batches_tracked is not None)
+        cumulative = self.num_batches_tracked if counts and self.momentum is None else None
         # check before counting the batch, so a refused call changes nothing
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
-                              bn_training, momentum, self.stats, residual, self.activation,
-                              self.eps)
-        cumulative = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average: 1/num_batches_tracked
-                cumulative = self.num_batches_tracked
+        lean = _eager.lean(input)
+        if lean:  # checked once per call signature (kernels._eager)
+            prepared = _eager.prepare(
+                check_batch_norm_args, input, running_mean, running_var, self.weight,
+                self.bias, bn_training, momentum, self.eps, self.stats, residual,
+                self.activation, cumulative)
+        else:
+            check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
+                                  bn_training, momentum, self.stats, residual, self.activation,
+                                  self.eps)
+        if counts:
+            self.num_batches_tracked.add_(1)  # cumulative: momentum = 1/num_batches_tracked
+        if lean:
+            y = _eager.call(prepared, input, running_mean, running_var, self.weight, self.bias,
+                            momentum, self.eps, residual, cumulative, torch_batch_norm)
+            if y is not None:
+                return y
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
                           momentum, self.eps, stats=self.stats, residual=residual,
                           activation=self.activation, num_batches_tracked=cumulative)

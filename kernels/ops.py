@@ -42,31 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _triton_internals
-from . import forward as _fwd
+from . import _eager, _triton_internals
 from ._common import ACTIVATION_TABLE, Epilogue
+from ._eager import INTERPRETED, _dense, uses_triton
 from ._layout import empty_output
 from ._plan import current_policy, planning
 from .backward import bn_backward
 from .forward import STATS_MODES, acc_dtype, bn_forward_eval, bn_forward_train
 
 ACTIVATIONS = (None, *(a for a in ACTIVATION_TABLE if a != "none"))  # what activation= takes
-INTERPRETED = type(_fwd._bn_fwd_apply_kernel).__name__ == "InterpretedFunction"
 if INTERPRETED:
     _triton_internals.install()  # skips the interpreter's redundant re-patching (speed only)
 
 
-def uses_triton(t):
-    """True when batch norm on tensor `t` runs the Triton kernels (not the CPU fallback)."""
-    return t.device.type == "cuda" or INTERPRETED
-
-
 # ---------------------------------------------------------------------------------------------
 # per-channel state of any strides: the kernels address (C,) tensors as ptr + c
-
-def _dense(t):
-    """`t` itself when the kernels can address it as ptr + c, else a contiguous copy."""
-    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _write_back(dst, src):
@@ -461,6 +451,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         # an empty 0-D/1-D input: torch accepts it and has nothing to compute
         return torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, residual, activation)
+    if _eager.lean(input):  # a plain eager call: checks once per signature, one node
+        prepared = _eager.prepare(
+            check_batch_norm_args, input, running_mean, running_var, weight, bias, training,
+            momentum, eps, stats, residual, activation, num_batches_tracked)
+        y = _eager.call(prepared, input, running_mean, running_var, weight, bias, momentum,
+                        eps, residual, num_batches_tracked, torch_batch_norm)
+        if y is not None:
+            return y
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
                           stats, residual, activation, eps)
     if not uses_triton(input) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():

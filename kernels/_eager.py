@@ -1,0 +1,190 @@
+"""The lean eager route of ``kernels.batch_norm``: what a call costs on the host.
+
+A plain eager call (real tensors, no torch.compile, no torch.func transform, no forward-mode
+AD, no tracing) does not need what the full route gives the other callers (the custom ops
+torch.compile and torch.export see, the autograd.Function in the ``setup_context`` style
+that torch.func accepts, the higher-order formulas).  It takes this route instead:
+
+* the argument checks are done once per call signature (:func:`prepare`): the shapes,
+  strides, dtypes, devices and types of every tensor argument, and the other arguments,
+  form a key; the first call with a key runs ``check_batch_norm_args`` (raising exactly
+  what the full route raises) and keeps what it decided (:class:`Prepared`); later calls
+  with that key look it up;
+* the host functions (``bn_forward_train``, ``bn_forward_eval``, ``bn_backward``) are
+  called directly, not through the dispatcher; their layouts and launch plans are cached
+  per (shape, strides) in kernels._layout / kernels._plan;
+* when a gradient is needed, one autograd node per call: :class:`_EagerFunction`, an
+  ``autograd.Function`` in the old style (``forward(ctx, ...)``), which ``apply`` calls
+  without binding a signature; its backward is the Triton backward, or the torch-op
+  formulas of the full route when a graph of the backward is being built (double
+  backward); without a gradient, no node at all.
+
+The route gives the same results as the full one (the same host functions and kernels;
+``tests/test_eager.py`` compares them bit for bit) and the same errors.  It allocates only
+outputs, saved statistics and the kernels' partial buffers, and reads nothing back to the
+host, so a step made of such calls can be captured in a CUDA graph after a warm-up call.
+``full_route()`` turns it off in a block (the tests use it to compare the routes).
+"""
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from . import _plan
+from . import forward as _fwd
+from ._common import Epilogue
+from .backward import bn_backward
+from .forward import acc_dtype, bn_forward_eval, bn_forward_train
+
+INTERPRETED = type(_fwd._bn_fwd_apply_kernel).__name__ == "InterpretedFunction"
+
+PREPARED_CACHE_SIZE = 4096  # call signatures kept; the cache is emptied when it is full
+_prepared = {}
+_enabled = [True]  # full_route() clears it within its block
+_forward_ad = torch.autograd.forward_ad
+
+
+@contextlib.contextmanager
+def full_route():
+    """Within the block, every call takes the full route (custom ops, the setup_context
+    autograd rule), as it does under torch.compile or a torch.func transform."""
+    previous = _enabled[0]
+    _enabled[0] = False
+    try:
+        yield
+    finally:
+        _enabled[0] = previous
+
+
+def lean(x):
+    """True when a call with input `x` may take the lean route: a plain tensor, and none of
+    torch.compile, a torch.func transform, forward-mode AD or tracing (jit.trace, and with it
+    the TorchScript ONNX exporter) is active.  (torch.export and the dynamo ONNX exporter
+    trace fake or functional tensors: `type(x) is Tensor` is False there.)"""
+    return (type(x) is Tensor and _enabled[0] and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and _forward_ad._current_level < 0 and not torch._C._is_tracing())
+
+
+def _meta(t):
+    """What the checks and the launches depend on in a tensor argument."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device(), type(t))
+
+
+class Prepared:
+    """What the checks decided for one call signature.  `route`: "triton", or "torch" (the
+    CPU fallback without the interpreter)."""
+
+    __slots__ = ("route", "training", "stats", "epilogue", "activation", "copies")
+
+    def __init__(self, route, training, stats, epilogue, activation, copies):
+        self.route, self.training, self.stats = route, training, stats
+        self.epilogue, self.activation, self.copies = epilogue, activation, copies
+
+
+def prepare(check, input, running_mean, running_var, weight, bias, training, momentum, eps,
+            stats, residual, activation, num_batches_tracked):
+    """The Prepared of this call's signature, checking the arguments the first time (with
+    `check`, kernels.ops.check_batch_norm_args, which raises what torch would)."""
+    key = (_meta(input), training, type(momentum), eps, stats, activation,
+           _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias),
+           _meta(residual), num_batches_tracked is None, _plan._context_policy.get())
+    found = _prepared.get(key)
+    if found is not None:
+        return found
+    check(input, running_mean, running_var, weight, bias, training, momentum, stats, residual,
+          activation, eps)
+    per_channel = (running_mean, running_var, weight, bias)
+    copies = any(t is not None and not t.is_contiguous() for t in per_channel)
+    found = Prepared("triton" if uses_triton(input) else "torch", bool(training), stats,
+                     Epilogue.of(residual is not None, activation), activation, copies)
+    if len(_prepared) >= PREPARED_CACHE_SIZE:
+        _prepared.clear()
+    _prepared[key] = found
+    return found
+
+
+def uses_triton(t):
+    """True when batch norm on tensor `t` runs the Triton kernels (not the CPU fallback)."""
+    return t.device.type == "cuda" or INTERPRETED
+
+
+def _dense(t):
+    """`t` itself when the kernels can address it as ptr + c, else a contiguous copy."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def call(prepared, input, running_mean, running_var, weight, bias, momentum, eps, residual,
+         num_batches_tracked, fallback):
+    """Run a prepared call on the lean route; returns the output.  `fallback` is
+    kernels.torch_batch_norm (the route "torch")."""
+    if prepared.route == "torch":
+        if num_batches_tracked is not None and prepared.training and running_mean is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        return fallback(input, running_mean, running_var, weight, bias, prepared.training,
+                        momentum, eps, residual, prepared.activation)
+    if prepared.copies:  # strided per-channel tensors: the full route's copies and write-back
+        return None
+    if torch.is_grad_enabled() and (
+            input.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)):
+        return _EagerFunction.apply(input, weight, bias, residual, running_mean, running_var,
+                                    num_batches_tracked, prepared, momentum, eps)
+    if prepared.training:
+        return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                                prepared.stats, residual, prepared.epilogue,
+                                num_batches_tracked)[0]
+    return bn_forward_eval(input, weight, bias, running_mean, running_var, eps, residual,
+                           prepared.epilogue)
+
+
+class _EagerFunction(torch.autograd.Function):
+    """One autograd node per call, in the old style (no signature binding in ``apply``).
+
+    Saved: x, y where the backward reads it, the parameters, the residual, and the
+    statistics: the batch's (training) or the running ones (eval, as torch's batch norm
+    saves them: modifying them before the backward is an error)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                prepared, momentum, eps):
+        epilogue = prepared.epilogue
+        if prepared.training:
+            y, mean, rstd = bn_forward_train(x, weight, bias, running_mean, running_var,
+                                             momentum, eps, prepared.stats, residual, epilogue,
+                                             num_batches_tracked)
+        else:
+            y = bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual,
+                                epilogue)
+            mean, rstd = running_mean, running_var
+        ctx.save_for_backward(x, y if epilogue.reads_output else None, weight, bias, residual,
+                              mean, rstd)
+        ctx.prepared, ctx.eps, ctx.policy = prepared, eps, _plan._context_policy.get()
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, y, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        prepared = ctx.prepared
+        training, epilogue = prepared.training, prepared.epilogue
+        if not training:  # the running statistics, as the forward used them
+            acc = acc_dtype(x.dtype)
+            mean, rstd = mean.to(acc), rstd.to(acc).add(ctx.eps).rsqrt()
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled() or _forward_ad._current_level >= 0:
+            # a graph of the backward is built (double backward): torch ops
+            from .ops import _composite_grads
+            dx, dw, db, dres = _composite_grads(dy, x, weight, bias, residual, mean, rstd,
+                                                training, ctx.eps, epilogue)
+        else:
+            policy = ctx.policy
+            with (contextlib.nullcontext() if policy is None else _plan.planning(policy)):
+                dx, dw, db, dres = bn_backward(
+                    dy, x, y, weight, bias, mean, rstd, training=training, epilogue=epilogue,
+                    residual=residual if epilogue.reads_residual else None,
+                    need_dx=need[0], need_dweight=need[1], need_dbias=need[2],
+                    need_dresidual=need[3])
+        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                dres if need[3] else None, None, None, None, None, None, None)

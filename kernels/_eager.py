@@ -130,8 +130,8 @@ def call(prepared, input, running_mean, running_var, weight, bias, momentum, eps
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
-        return _EagerFunction.apply(input, weight, bias, residual, running_mean, running_var,
-                                    num_batches_tracked, prepared, momentum, eps)
+        return _EagerFunction.apply(input, weight, bias, residual, (
+            prepared, running_mean, running_var, num_batches_tracked, momentum, eps))
     if prepared.training:
         return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps,
                                 prepared.stats, residual, prepared.epilogue,
@@ -148,8 +148,9 @@ class _EagerFunction(torch.autograd.Function):
     saves them: modifying them before the backward is an error)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                prepared, momentum, eps):
+    def forward(ctx, x, weight, bias, residual, state):
+        # the rest in one argument: apply's per-argument work is for the differentiable ones
+        prepared, running_mean, running_var, num_batches_tracked, momentum, eps = state
         epilogue = prepared.epilogue
         if prepared.training:
             y, mean, rstd = bn_forward_train(x, weight, bias, running_mean, running_var,
@@ -187,4 +188,4 @@ class _EagerFunction(torch.autograd.Function):
                     need_dx=need[0], need_dweight=need[1], need_dbias=need[2],
                     need_dresidual=need[3])
         return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-                dres if need[3] else None, None, None, None, None, None, None)
+                dres if need[3] else None, None)

@@ -49,35 +49,44 @@ class _BatchNormKernels:
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # each parameter and buffer read once, from its dict where nothing can stand in
+        # between (a module attribute costs a __getattr__; a parametrization's class differs)
+        if type(self) in _PLAIN:
+            params, buffers = self._parameters, self._buffers
+            weight, bias = params["weight"], params["bias"]
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        else:
+            weight, bias = self.weight, self.bias
+            running_mean, running_var = self.running_mean, self.running_var
+        training, eps, momentum = self.training, self.eps, self.momentum
+        bn_training = training or (running_mean is None and running_var is None)
         # the running stats are used in eval, and updated in training when tracked
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        counts = (self.training and self.track_running_stats
-                  and self.num_batches_tracked is not None)
-        cumulative = self.num_batches_tracked if counts and self.momentum is None else None
+        nbt = None  # the batch counter, counted in training when the stats are tracked
+        if training:
+            if self.track_running_stats:
+                nbt = self.num_batches_tracked
+            else:
+                running_mean = running_var = None
+        cumulative = nbt if momentum is None else None
+        momentum = 0.0 if momentum is None else momentum
         # check before counting the batch, so a refused call changes nothing
         lean = _eager.lean(input)
         if lean:  # checked once per call signature (kernels._eager)
             prepared = _eager.prepare(
-                check_batch_norm_args, input, running_mean, running_var, self.weight,
-                self.bias, bn_training, momentum, self.eps, self.stats, residual,
-                self.activation, cumulative)
+                check_batch_norm_args, input, running_mean, running_var, weight, bias,
+                bn_training, momentum, eps, self.stats, residual, self.activation, cumulative)
         else:
-            check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
-                                  bn_training, momentum, self.stats, residual, self.activation,
-                                  self.eps)
-        if counts:
-            self.num_batches_tracked.add_(1)  # cumulative: momentum = 1/num_batches_tracked
+            check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training,
+                                  momentum, self.stats, residual, self.activation, eps)
+        if nbt is not None:
+            nbt.add_(1)  # cumulative: momentum = 1/num_batches_tracked
         if lean:
-            y = _eager.call(prepared, input, running_mean, running_var, self.weight, self.bias,
-                            momentum, self.eps, residual, cumulative, torch_batch_norm)
+            y = _eager.call(prepared, input, running_mean, running_var, weight, bias, momentum,
+                            eps, residual, cumulative, torch_batch_norm)
             if y is not None:
                 return y
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                          momentum, self.eps, stats=self.stats, residual=residual,
+        return batch_norm(input, running_mean, running_var, weight, bias, bn_training,
+                          momentum, eps, stats=self.stats, residual=residual,
                           activation=self.activation, num_batches_tracked=cumulative)
 
 
@@ -92,6 +101,9 @@ class BatchNorm2d(_BatchNormKernels, nn.BatchNorm2d):
 class BatchNorm3d(_BatchNormKernels, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on the Triton kernels: input (N, C, D, H, W)."""
 
+
+# classes whose parameters and buffers forward reads from their dicts (kernels.sync adds its own)
+_PLAIN = {BatchNorm1d, BatchNorm2d, BatchNorm3d}
 
 # the torch class each of ours replaces
 KERNELS_FOR = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,

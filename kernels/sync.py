@@ -43,7 +43,7 @@ from ._common import Epilogue
 from .backward import bn_backward
 from .forward import STATS_CENTRED, STATS_SUM, STATS_WELFORD, acc_dtype, bn_forward_eval, \
     launch_stats
-from .modules import KERNELS_FOR, _BatchNormKernels, convert_tree
+from .modules import _PLAIN, KERNELS_FOR, _BatchNormKernels, convert_tree
 from .ops import _dense, check_batch_norm_args, uses_triton
 
 
@@ -311,6 +311,7 @@ class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
 
 
 KERNELS_FOR.setdefault(nn.SyncBatchNorm, SyncBatchNorm)
+_PLAIN.add(SyncBatchNorm)
 
 
 def _let_ddp_wrap_cpu_modules():

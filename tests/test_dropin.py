@@ -190,14 +190,22 @@ def test_forward_ad_and_forward_over_reverse_match_torch(training, fusion):
 
 
 def test_first_order_backward_runs_the_triton_kernels(monkeypatch):
-    """The fast path stays Triton: a plain backward calls the backward op, not torch ops."""
+    """The fast path stays Triton: a plain backward calls the backward op, not torch ops
+    (the full route, as under torch.compile), or the Triton host function (the lean route)."""
     calls = []
     op = torch.ops.bnbench.batch_norm_backward
     monkeypatch.setattr(kernels.ops.torch.ops.bnbench, "batch_norm_backward",
                         lambda *a: calls.append(1) or op(*a), raising=False)
     x = torch.randn(3, 4, 5, 5, requires_grad=True)
-    kernels.batch_norm(x, None, None, torch.ones(4), None, True).sum().backward()
+    with kernels._eager.full_route():
+        kernels.batch_norm(x, None, None, torch.ones(4), None, True).sum().backward()
     assert calls == [1] and x.grad is not None
+    lean = []
+    host = kernels._eager.bn_backward
+    monkeypatch.setattr(kernels._eager, "bn_backward", lambda *a, **k: lean.append(1) or host(*a, **k))
+    x.grad = None
+    kernels.batch_norm(x, None, None, torch.ones(4), None, True).sum().backward()
+    assert lean == [1] and calls == [1] and x.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,8 +111,10 @@ def fits(t, channels_last):
 
 def strides(t, channels_last):
     """(stride_row, stride_chan) of a tensor that fits the path."""
-    facts = layout(t)
-    return facts.strides_nhwc if channels_last else facts.strides_nchw
+    if channels_last:
+        return layout(t).strides_nhwc
+    stride = t.stride()
+    return stride[0], stride[1]
 
 
 def layout_of(x):

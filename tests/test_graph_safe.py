@@ -169,8 +169,7 @@ def test_plain_step_makes_no_host_read_and_the_same_allocations(device):
     "kernels/ops.py _BatchNormFunction.setup_context: mean and rstd are non-differentiable "
     "outputs, so autograd materialises a zero gradient for each (zeros + new_empty_strided: "
     "10 allocations per layer and step, budget 6) before calling backward, which ignores "
-    "them; 
-    "ctx.set_materialize_grads(False) avoids them"))
+    "them; ctx.set_materialize_grads(False) avoids them"))
 def test_plain_step_allocates_within_its_budget(device):
     model = watch_steps(make_step(kernels.convert_batchnorm(small_net()), device))
     baseline = watch_steps(make_step(small_net(_identity), device), launches_expected=False)

@@ -11,7 +11,10 @@ inside its context (cuDNN on or off):
    profiler fails, with the reason in ``error``), and on CUDA the peak memory that
    call allocated beyond what was resident before it;
 3. the time (``timing``), unless the implementation is Triton run by the
-   interpreter: then the time columns stay empty.
+   interpreter: then the time columns stay empty; on CUDA also the wall time per call
+   back to back and the CUDA-graph replay time (``timing.host_times``: ``wall_us``,
+   ``graph_us``; a call that cannot be captured has no ``graph_us`` and its ``error``
+   says why, the row staying "ok").
 
 Any exception in a case or an implementation becomes that row's ``error``
 (status "error") and the sweep goes on; an implementation that cannot run
@@ -138,6 +141,12 @@ def run_impl(impl, case, inputs, ref, opts):
                        gbps=gbps(case, t.median_ms))
             if opts.copy_gbps:
                 row["frac_copy_bw"] = row["gbps"] / opts.copy_gbps
+            if cuda:  # what a user pays per call: back to back, and replayed as a CUDA graph
+                host = timing.host_times(step, grads, t.median_ms, opts.rep_ms)
+                row.update(wall_us=host.wall_us, graph_us=host.graph_us)
+                if host.graph_error:
+                    row["error"] = "; ".join(filter(None, (row.get("error"),
+                                                           f"CUDA graph: {host.graph_error}")))
     except Exception as exc:  # any failure is recorded and the sweep goes on
         row.update(status="error", error=one_line(exc))
         if cuda:

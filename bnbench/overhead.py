@@ -390,7 +390,8 @@ def add_parser(subparsers):
     p.add_argument("--paths", type=_path_names, default=None, metavar="PATHS",
                    help="comma-separated indices (0-based) or names of the paths, default all: "
                         + "; ".join(f"{i} {name}" for i, name in enumerate(PATH_NAMES)))
-    p.add_argument("--rounds", type=_positive_int, default=25, help="timed rounds per call (default 25)")
+    p.add_argument("--rounds", type=_positive_int, default=25,
+                   help="timed rounds per call (default 25)")
     p.add_argument("--round-ms", type=positive, default=4.0,
                    help="about how long one round of back-to-back calls lasts (default 4)")
     p.add_argument("--out", type=Path, default=None,

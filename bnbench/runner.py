@@ -49,6 +49,7 @@ class Options:
     rep_ms: float = 100
     seed: int = 0
     copy_gbps: float = None
+    host_times: bool = True  # on CUDA: wall_us and graph_us too (timing.host_times)
 
 
 def one_line(exc):
@@ -141,7 +142,7 @@ def run_impl(impl, case, inputs, ref, opts):
                        gbps=gbps(case, t.median_ms))
             if opts.copy_gbps:
                 row["frac_copy_bw"] = row["gbps"] / opts.copy_gbps
-            if cuda:  # what a user pays per call: back to back, and replayed as a CUDA graph
+            if cuda and opts.host_times:  # what a user pays: back to back, and as a CUDA graph
                 host = timing.host_times(step, grads, t.median_ms, opts.rep_ms)
                 row.update(wall_us=host.wall_us, graph_us=host.graph_us)
                 if host.graph_error:

@@ -143,11 +143,14 @@ def run_impl(impl, case, inputs, ref, opts):
             if opts.copy_gbps:
                 row["frac_copy_bw"] = row["gbps"] / opts.copy_gbps
             if cuda and opts.host_times:  # what a user pays: back to back, and as a CUDA graph
-                host = timing.host_times(step, grads, t.median_ms, opts.rep_ms)
-                row.update(wall_us=host.wall_us, graph_us=host.graph_us)
-                if host.graph_error:
-                    row["error"] = "; ".join(filter(None, (row.get("error"),
-                                                           f"CUDA graph: {host.graph_error}")))
+                try:
+                    host = timing.host_times(step, grads, t.median_ms, opts.rep_ms)
+                    row.update(wall_us=host.wall_us, graph_us=host.graph_us)
+                    problem = host.graph_error and f"CUDA graph: {host.graph_error}"
+                except Exception as exc:  # the row keeps its device time
+                    problem = f"host times: {one_line(exc)}"
+                if problem:
+                    row["error"] = "; ".join(filter(None, (row.get("error"), problem)))
     except Exception as exc:  # any failure is recorded and the sweep goes on
         row.update(status="error", error=one_line(exc))
         if cuda:

@@ -124,21 +124,35 @@ def graph_replay_us(fn, grad_to_none=None, calls=100, rounds=5, warmup=3):
     import torch
 
     reset = _resetter(grad_to_none)
+    current = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(current)
     with torch.cuda.stream(side):
         for _ in range(warmup):
             reset()
             fn()
-    torch.cuda.current_stream().wait_stream(side)
+    current.wait_stream(side)
     reset()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
+    graph, raised = torch.cuda.CUDAGraph(), []
+
+    def captured():
+        try:
             fn()
+        except Exception as exc:  # the call's own error, not the capture's end that follows
+            raised.append(exc)
+            raise
+
+    try:
+        try:
+            with torch.cuda.graph(graph):
+                captured()
+        except Exception as exc:
+            raise (raised[0] if raised else exc) from None
         graph.replay()
         return _rounds(graph.replay, calls, rounds, torch.cuda.synchronize)
     finally:
+        # torch.cuda.graph leaves its capture stream current when the capture's end raises
+        torch.cuda.set_stream(current)
         reset()
         del graph
         torch.cuda.synchronize()

@@ -245,27 +245,33 @@ def measure_path(path, shape, group, rounds, round_ms, launches):
     """One row: `path`'s torch call and kernels call timed (see the module docstring);
     `launches` is the list record_launches(execute=False) appends to."""
     torch_fn, kernels_fn = path.build(shape, group)
-    torch_calls = _calls_per_round(torch_fn, round_ms)
-    kernels_calls = _calls_per_round(kernels_fn, round_ms)
+    kernels_fn()  # a first call may launch more (autotuning): the second one is counted
     launches.clear()
     kernels_fn()
     one_call = list(launches)
+    if not one_call:  # the kernels ran unstubbed (or not at all): no host time to report
+        raise RuntimeError(
+            f"bnbench overhead: {path.name} recorded no Triton launch: its launches bypass "
+            f"the stub (kernels._triton_internals.record_launches hooks JITFunction.run and "
+            f"the interpreter's run); a host time with the kernels running would be no "
+            f"host time")
+    torch_calls = _calls_per_round(torch_fn, round_ms)
+    kernels_calls = _calls_per_round(kernels_fn, round_ms)
 
     def replay():  # the stub's own cost: the same launch statements, stubbed
         for launch in one_call:
             launch.fn[launch.grid](*launch.args, **launch.kwargs)
 
-    replay_calls = _calls_per_round(replay, round_ms) if one_call else 0
+    replay_calls = _calls_per_round(replay, round_ms)
     torch_t, kernels_t, stub_t = [], [], []
     for _ in range(rounds):
         torch_t.append(_round(torch_fn, torch_calls))
         kernels_t.append(_round(kernels_fn, kernels_calls))
-        if one_call:
-            stub_t.append(_round(replay, replay_calls))
+        stub_t.append(_round(replay, replay_calls))
         launches.clear()
     t_med, t_p20, t_p80 = _quantiles(torch_t)
     raw_med, raw_p20, raw_p80 = _quantiles(kernels_t)
-    stub = _quantiles(stub_t)[0] if one_call else 0.0
+    stub = _quantiles(stub_t)[0]
     k_med, k_p20, k_p80 = raw_med - stub, raw_p20 - stub, raw_p80 - stub
     return dict(
         path=path.name, torch_us=t_med, kernels_us=k_med, ratio=k_med / t_med,

@@ -73,3 +73,13 @@ def test_bad_arguments_exit_2_with_one_line(argv, capsys):
         cli.main(["overhead", *argv])
     assert exc.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_path_without_a_recorded_launch_is_refused():
+    """A kernels call whose launches bypass the stub would be timed with the kernels running:
+    the command refuses it instead of reporting that as host time."""
+    torch_path = overhead.CallPath("unstubbed", "F.batch_norm", "F.batch_norm",
+                                   lambda shape, group: overhead._functional(False)(shape, group)
+                                   [:1] * 2)
+    with pytest.raises(RuntimeError, match="recorded no Triton launch"):
+        overhead.overhead_table([torch_path], rounds=1, round_ms=0.1)

@@ -29,7 +29,10 @@ into DIR as it is made, so a run cut short keeps all it did. Stages, in order:
    among them): ``HOST_TIER``, ResNet-50's BatchNorm shapes at N = 1 and 8 (float32, NCHW,
    training forward + backward and eval, the Triton kernels, cuDNN and native PyTorch)
    with do_bench's device time beside the wall time per call back to back and the
-   CUDA-graph replay time (``wall_us``, ``graph_us``); and the GPU tests,
+   CUDA-graph replay time (``wall_us``, ``graph_us``), and ``host_paths.csv``: the same for
+   each way a user calls the kernels (``bnbench.overhead.device_table``: modules,
+   functional, sync in a one-rank NCCL group, fused, folded) beside torch's call; and the
+   GPU tests,
    ``gpu_tests.txt``: ``GPU_TESTS`` (CUDA-graph capture and replay of a converted model's
    training step, ``torch.compile(mode="reduce-overhead")`` running as CUDA graphs, the
    host-time functions) run by pytest, where pytest is installed.
@@ -55,6 +58,8 @@ The cost model (seconds, for an H100/H200-class GPU on a 16-core host):
     bench              do_bench's (warm-up + rep) ms times this overshoot factor
     host_row           the host stage's extra per row: wall rounds and a CUDA-graph
                        capture and replays (about twice do_bench's rep)
+    host_paths         the host stage's user paths (bnbench.overhead.device_table: 10
+                       paths x 24 shapes, torch and kernels, wall and graph)
     gpu_tests          the GPU tests (pytest start, torch.compile's reduce-overhead)
     graph_first/graph  torch.compile (Inductor, dynamic shapes): the first graph
                        (Inductor's cold start), then each (mode, dtype, layout) group;
@@ -80,7 +85,7 @@ MODEL = {
     "startup": 15.0, "env": 5.0, "pool_start": 12.0, "compile": 0.8, "check": 0.3,
     "case": 0.1, "case_ns_per_elem": 2.0, "row": 0.15, "bench": 1.3,
     "graph_first": 30.0, "graph": 8.0, "graph_bwd": 1.5, "final": 15.0, "safety": 10.0,
-    "host_row": 0.12, "gpu_tests": 90.0,
+    "host_row": 0.12, "host_paths": 40.0, "gpu_tests": 90.0,
 }
 WARMUP_MS, REP_MS = 10.0, 25.0  # do_bench per row (bnbench run's defaults: 25 and 100)
 WORKERS = 16  # compile workers planned for (the lent machine's cores); at run time: cpu_count
@@ -159,7 +164,7 @@ def host_cost(model=MODEL, warmup_ms=WARMUP_MS, rep_ms=REP_MS):
         per_case = case_cost(case, model, warmup_ms, rep_ms)
         case_part = model["case"] + case.numel * model["case_ns_per_elem"] * 1e-9
         total += case_part + (per_case - case_part) * rows / full + rows * model["host_row"]
-    return total
+    return total + model["host_paths"]
 
 
 def impls_for(mode):
@@ -880,6 +885,20 @@ def run_host_cost(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device=
             from .runner import one_line
 
             note = (note + "; " if note else "") + f"plots failed: {one_line(exc)}"
+    if clock.fits(p.model["host_paths"], reserve):
+        try:  # the ways a user calls the kernels (modules, functional, sync, fused, folded)
+            from . import overhead
+
+            table = overhead.stamped(overhead.device_table(device=device), device,
+                                     overhead.DEVICE_METHOD)
+            table.to_csv(out / "host_paths.csv", index=False)
+            note = (note + "; " if note else "") + f"host_paths.csv: {len(table)} rows"
+        except BudgetExceeded:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the stage's other results stay)
+            from .runner import one_line
+
+            note = (note + "; " if note else "") + f"host_paths failed: {one_line(exc)}"
     return path, rows, note, done
 
 

@@ -23,8 +23,9 @@ and the kernels' host code is the interpreter build's (``TRITON_INTERPRET=1``, s
 command before triton is imported, as ``bnbench traffic`` does); no launch runs, so this
 is host time, whatever machine it is measured on, and no kernel speed.
 
-On a GPU the same paths' wall time and CUDA-graph replay time are ``bnbench run``'s
-``wall_us`` and ``graph_us`` columns, and ``bnbench gpu-day``'s host-cost stage.
+On a GPU the same paths' wall time and CUDA-graph replay time, the kernels running, are
+:func:`device_table` (``bnbench gpu-day``'s host-cost stage: ``host_paths.csv``), and the
+functional calls' are ``bnbench run``'s ``wall_us`` and ``graph_us`` columns.
 """
 
 import gc
@@ -316,7 +317,56 @@ def overhead_table(paths=PATHS, shape=DEFAULT_SHAPE, rounds=25, round_ms=4.0, pr
     return rows
 
 
-def stamped(rows):
+def device_table(paths=PATHS, shapes=None, device="cuda", calls=20, rounds=3):
+    """The same paths on `device` with the kernels running (no stub): per call, the wall
+    time of calls back to back (one synchronisation per round) and, on CUDA, the replay
+    time of the call captured once with ``torch.cuda.graph`` (``bnbench.timing``), for
+    torch's call and the kernels' side by side.  `shapes` (NxCxHxW): default ResNet-50's
+    BatchNorm shapes at N = 1 and 8.  A group of one rank (NCCL on CUDA, gloo on CPU) is
+    open for the synchronised paths.  One row per (path, shape); a call that cannot be
+    captured has no graph time and says why."""
+    import torch
+
+    from . import timing
+    from .registry import one_rank_group
+    from .shapes import resnet50_bn_shapes
+
+    if shapes is None:
+        shapes = [(n, c, h, w) for n in (1, 8) for (c, h, w) in resnet50_bn_shapes()]
+    rows = []
+    with one_rank_group("nccl" if device == "cuda" else "gloo") as group:
+        for path in paths:
+            for shape in shapes:
+                torch.manual_seed(0)
+                with torch.device(device):
+                    sides = dict(zip(("torch", "kernels"), path.build(shape, group)))
+                row = dict(path=path.name, N=shape[0], C=shape[1], H=shape[2], W=shape[3],
+                           dtype="float32")
+                for side, fn in sides.items():
+                    row[f"{side}_wall_us"] = timing.wall_per_call_us(fn, device, None, calls,
+                                                                     rounds)
+                    row[f"{side}_graph_us"], row[f"{side}_graph_error"] = None, None
+                    if device != "cuda":
+                        row[f"{side}_graph_error"] = "CUDA graphs need a CUDA GPU"
+                        continue
+                    try:
+                        row[f"{side}_graph_us"] = timing.graph_replay_us(fn, None, calls, rounds)
+                    except Exception as exc:  # noqa: BLE001 (the row says why)
+                        from .runner import one_line
+
+                        row[f"{side}_graph_error"] = one_line(exc)
+                row["wall_ratio"] = row["kernels_wall_us"] / row["torch_wall_us"]
+                rows.append(row)
+    return rows
+
+
+DEVICE_METHOD = ("per call, the kernels running: wall time of calls back to back (one "
+                 "synchronisation per round, median of rounds, time.perf_counter) and the "
+                 "replay time of the call captured once with torch.cuda.graph; torch's call "
+                 "and the kernels' on the same tensors")
+
+
+def stamped(rows, device="cpu", method=METHOD):
     """The rows as a DataFrame with the common metadata columns first."""
     import pandas as pd
 
@@ -324,8 +374,8 @@ def stamped(rows):
 
     import kernels
 
-    return stamp(pd.DataFrame(rows), "cpu", interpreted=bool(kernels.INTERPRETED),
-                 method=METHOD)
+    return stamp(pd.DataFrame(rows), device, interpreted=bool(kernels.INTERPRETED),
+                 method=method)
 
 
 def markdown(df):

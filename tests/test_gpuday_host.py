@@ -53,6 +53,10 @@ def test_run_host_cost_writes_rows_as_it_goes(tmp_path, monkeypatch):
     tiny = gpuday.Tier("host", "test", ("eval",), ("float32",), ("nchw",), (2,), "quick")
     monkeypatch.setattr(gpuday, "HOST_TIER", tiny)
     monkeypatch.setattr(gpuday, "HOST_IMPLS", ("triton_eval", "torch_native"))
+    from bnbench import overhead
+
+    monkeypatch.setattr(overhead, "device_table", lambda device: [
+        dict(path="eval", N=1, torch_wall_us=1.0, kernels_wall_us=2.0)])
     p = gpuday.plan(480, 0)
     path, rows, note, done = gpuday.run_host_cost(tmp_path, gpuday.Clock(480), p,
                                                   {"device": "test"}, 25, 1, 1, device="cpu")
@@ -60,6 +64,9 @@ def test_run_host_cost_writes_rows_as_it_goes(tmp_path, monkeypatch):
     assert done == len(tiny.cases()) and rows == len(df) == 2 * done, note
     assert set(df["impl"]) == {"triton_eval", "torch_native"} and set(df["status"]) == {"ok"}
     assert df["wall_us"].isna().all() and df["graph_us"].isna().all()
+    paths = pd.read_csv(tmp_path / "host_paths.csv")
+    assert list(paths.path) == ["eval"] and "host_paths.csv: 1 rows" in note
+    assert (paths.device_type == "cpu").all() and "torch.cuda.graph" in paths.method[0]
 
 
 def test_run_gpu_tests_runs_pytest_and_reports_its_summary(tmp_path):

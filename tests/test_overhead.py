@@ -83,3 +83,15 @@ def test_a_path_without_a_recorded_launch_is_refused():
                                    [:1] * 2)
     with pytest.raises(RuntimeError, match="recorded no Triton launch"):
         overhead.overhead_table([torch_path], rounds=1, round_ms=0.1)
+
+
+def test_device_table_times_both_sides_with_the_kernels_running():
+    """On CPU (Triton through the interpreter, so the numbers are no speed): the rows, the
+    wall times and the ratio; no CUDA-graph time, the reason given."""
+    paths = [p for p in overhead.PATHS if p.name in ("eval_no_grad", "sync_functional_one_rank")]
+    rows = overhead.device_table(paths, shapes=[(2, 3, 5, 3)], device="cpu", calls=1, rounds=1)
+    assert [r["path"] for r in rows] == ["eval_no_grad", "sync_functional_one_rank"]
+    for r in rows:
+        assert r["torch_wall_us"] > 0 and r["kernels_wall_us"] > 0
+        assert math.isclose(r["wall_ratio"], r["kernels_wall_us"] / r["torch_wall_us"])
+        assert r["kernels_graph_us"] is None and "CUDA" in r["kernels_graph_error"]

@@ -24,7 +24,7 @@ import os
 import sys
 import textwrap
 
-COMMANDS = ["run", "plot", "traffic", "inspect", "train", "gpu-day", "zoo", "comm"]
+COMMANDS = ["run", "plot", "traffic", "inspect", "train", "gpu-day", "zoo", "comm", "overhead"]
 # commands whose module imports torch at the top keep their parser elsewhere
 PARSER_MODULES = {"train": "train_args", "gpu-day": "gpuday"}
 

@@ -23,6 +23,19 @@ into DIR as it is made, so a run cut short keeps all it did. Stages, in order:
    after the planned cases while the clock allows. ``torch.compile`` runs as
    ``torch_compile_dynamic``: one compile with dynamic shapes per (mode, dtype, layout,
    fusion), with a recompile cap that fails loudly rather than running eagerly.
+   Its rows have no ``wall_us`` / ``graph_us`` (those are the host stage's).
+   Planned after tier 1 when they fit (the dry run lists them either way), and run before
+   the sweep: the host-cost stage, ``host_cost.csv`` (+ its PNGs, ``host_cost_host.png``
+   among them): ``HOST_TIER``, ResNet-50's BatchNorm shapes at N = 1 and 8 (float32, NCHW,
+   training forward + backward and eval, the Triton kernels, cuDNN and native PyTorch)
+   with do_bench's device time beside the wall time per call back to back and the
+   CUDA-graph replay time (``wall_us``, ``graph_us``), and ``host_paths.csv``: the same for
+   each way a user calls the kernels (``bnbench.overhead.device_table``: modules,
+   functional, sync in a one-rank NCCL group, fused, folded) beside torch's call; and the
+   GPU tests,
+   ``gpu_tests.txt``: ``GPU_TESTS`` (CUDA-graph capture and replay of a converted model's
+   training step, ``torch.compile(mode="reduce-overhead")`` running as CUDA graphs, the
+   host-time functions) run by pytest, where pytest is installed.
 5. ``summary.txt``: stage times (estimated and measured), what was done and skipped, the
    sweep's summary table.
 
@@ -43,6 +56,11 @@ The cost model (seconds, for an H100/H200-class GPU on a 16-core host):
     case + numel*ns    one sweep case's inputs and float64 reference
     row                one row's first call and compare, profiler pass, peak memory
     bench              do_bench's (warm-up + rep) ms times this overshoot factor
+    host_row           the host stage's extra per row: wall rounds and a CUDA-graph
+                       capture and replays (about twice do_bench's rep)
+    host_paths         the host stage's user paths (bnbench.overhead.device_table: 10
+                       paths x 24 shapes, torch and kernels, wall and graph)
+    gpu_tests          the GPU tests (pytest start, torch.compile's reduce-overhead)
     graph_first/graph  torch.compile (Inductor, dynamic shapes): the first graph
                        (Inductor's cold start), then each (mode, dtype, layout) group;
                        train_fwd_bwd compiles forward and backward (x graph_bwd)
@@ -67,6 +85,7 @@ MODEL = {
     "startup": 15.0, "env": 5.0, "pool_start": 12.0, "compile": 0.8, "check": 0.3,
     "case": 0.1, "case_ns_per_elem": 2.0, "row": 0.15, "bench": 1.3,
     "graph_first": 30.0, "graph": 8.0, "graph_bwd": 1.5, "final": 15.0, "safety": 10.0,
+    "host_row": 0.12, "host_paths": 40.0, "gpu_tests": 90.0,
 }
 WARMUP_MS, REP_MS = 10.0, 25.0  # do_bench per row (bnbench run's defaults: 25 and 100)
 WORKERS = 16  # compile workers planned for (the lent machine's cores); at run time: cpu_count
@@ -118,6 +137,34 @@ TIERS = (
     Tier("6", "conv then eval BN: what folding saves", ("conv_bn_eval",), ("bfloat16",),
          ("nchw", "nhwc"), (32,)),
 )
+
+
+# the host-cost stage: what a user pays per call at small batch (issue 18)
+HOST_TIER = Tier("host", "host cost at small batch: device, wall and CUDA-graph time per call",
+                 ("train_fwd_bwd", "eval"), ("float32",), ("nchw",), (1, 8))
+HOST_IMPLS = ("triton_single_pass", "triton_eval", "cudnn", "torch_native")
+GPU_TESTS = (
+    "tests/test_graph_safe.py::test_cuda_graph_captures_and_replays_a_training_step",
+    "tests/test_graph_safe.py::test_compile_reduce_overhead_runs_as_cuda_graphs",
+    "tests/test_host_times.py::test_host_times_of_a_capturable_call_and_of_one_that_syncs",
+)
+
+
+def host_impls(mode):
+    """The implementations the host-cost stage runs in `mode`."""
+    return tuple(n for n in impls_for(mode) if n in HOST_IMPLS)
+
+
+def host_cost(model=MODEL, warmup_ms=WARMUP_MS, rep_ms=REP_MS):
+    """Estimated seconds of the host-cost stage: its cases, with the host timing per row."""
+    total = 0.0
+    for case in HOST_TIER.cases():
+        rows = len(host_impls(case.mode))
+        full = len(impls_for(case.mode))
+        per_case = case_cost(case, model, warmup_ms, rep_ms)
+        case_part = model["case"] + case.numel * model["case_ns_per_elem"] * 1e-9
+        total += case_part + (per_case - case_part) * rows / full + rows * model["host_row"]
+    return total + model["host_paths"]
 
 
 def impls_for(mode):
@@ -244,6 +291,7 @@ class Plan:
     variants: int
     workers: int
     model: dict = field(default_factory=lambda: dict(MODEL))
+    unplanned: list = field(default_factory=list)  # the GPU-only stages left out (no time)
 
     @property
     def estimate_s(self):
@@ -273,6 +321,7 @@ def plan(budget_s, variants, workers=WORKERS, tiers=TIERS, model=MODEL, warmup_m
     left = budget_s - sum(s.estimate_s for s in fixed + final)
     groups, tier_rows, included = set(), [], []
     sweep_s = 0.0
+    extra, unplanned, extra_s = [], [], 0.0  # the GPU-only stages planned and not
     for i, tier in enumerate(tiers):
         cases = tier.cases()
         cost, new_groups = 0.0, set()
@@ -291,12 +340,26 @@ def plan(budget_s, variants, workers=WORKERS, tiers=TIERS, model=MODEL, warmup_m
         else:
             take = False
         tier_rows.append((tier, len(cases), rows, cost, take))
+        if i == 0:  # next in priority: the GPU-only stages, when they fit
+            for stage in (Stage("host", f"{len(HOST_TIER.cases())} cases at N=1,8: device, "
+                                        f"wall and CUDA-graph µs per call",
+                                host_cost(model, warmup_ms, rep_ms),
+                                items=len(HOST_TIER.cases())),
+                          Stage("gpu_tests", f"{len(GPU_TESTS)} GPU tests (pytest): CUDA "
+                                             f"graphs", model["gpu_tests"],
+                                items=len(GPU_TESTS))):
+                if sweep_s + extra_s + stage.estimate_s <= left:
+                    extra.append(stage)
+                    extra_s += stage.estimate_s
+                else:
+                    unplanned.append(stage)
+            left -= extra_s
     names = [t[0].name for t in tier_rows if t[4]]
     sweep = Stage("sweep", f"{sum(t[2] for t in tier_rows if t[4])} rows in tier"
                   f"{'s' if len(names) > 1 else ''} {','.join(names)}", sweep_s,
                   items=len(included))
-    return Plan(budget_s, fixed + [sweep] + final, tier_rows, included, the_checks, variants,
-                workers, dict(model))
+    return Plan(budget_s, fixed + extra + [sweep] + final, tier_rows, included, the_checks,
+                variants, workers, dict(model), unplanned)
 
 
 def format_plan(p, verbose=True):
@@ -325,6 +388,16 @@ def format_plan(p, verbose=True):
                                 f"{'' if fusion == 'none' else ' +' + fusion} "
                                 f"N={','.join(map(str, sorted(tier.batch_sizes, reverse=True)))}"
                                 f" x {n_shapes} {tier.shapes} shapes: {impls}")
+    lines += ["", "GPU-only stages (planned after tier 1 when they fit, run before the sweep):"]
+    for stage in [s for s in p.stages if s.name in ("host", "gpu_tests")] + p.unplanned:
+        state = "planned" if stage in p.stages else "not planned (no time)"
+        lines.append(f"  {stage.name} {state}: ~{stage.estimate_s:.0f} s: {stage.what}")
+        if stage.name == "host":
+            for mode in HOST_TIER.modes:
+                lines.append(f"    {mode} float32 nchw N=8,1 x 12 resnet50 shapes, "
+                             f"wall_us + graph_us: {','.join(host_impls(mode))}")
+        else:
+            lines += [f"    {test}" for test in GPU_TESTS]
     lines += ["", "cost model (s): " + ", ".join(f"{k}={v:g}" for k, v in p.model.items())]
     return "\n".join(lines)
 
@@ -749,7 +822,7 @@ def run_sweep(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device="cud
 
     opts = runner.Options(device=device, interpreted=bool(kernels.INTERPRETED),
                           warmup_ms=warmup_ms, rep_ms=rep_ms,
-                          copy_gbps=run_fields.get("copy_gbps"))
+                          copy_gbps=run_fields.get("copy_gbps"), host_times=False)
     path = out / "gpu_day.csv"
     groups, note, done = set(), "", 0
     with report.CsvWriter(path, run_fields) as writer:
@@ -774,6 +847,89 @@ def run_sweep(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device="cud
             note = "stopped at the budget (soft deadline)"
         rows = writer.rows
     return path, rows, note, done
+
+
+def run_host_cost(out, clock, p, run_fields, reserve, warmup_ms, rep_ms, device="cuda"):
+    """The host-cost stage: HOST_TIER's cases with HOST_IMPLS, rows with wall_us and
+    graph_us to host_cost.csv as they come, then its plots.  Returns (csv path, rows,
+    note, cases done)."""
+    from . import impls, report, runner
+
+    import kernels
+
+    opts = runner.Options(device=device, interpreted=bool(kernels.INTERPRETED),
+                          warmup_ms=warmup_ms, rep_ms=rep_ms,
+                          copy_gbps=run_fields.get("copy_gbps"), host_times=True)
+    path, note, done = out / "host_cost.csv", "", 0
+    with report.CsvWriter(path, run_fields) as writer:
+        try:
+            for case in HOST_TIER.cases():
+                names = host_impls(case.mode)
+                cost = case_cost(case, p.model, warmup_ms, rep_ms) + len(names) * p.model[
+                    "host_row"]
+                if not clock.fits(cost, reserve):
+                    note = f"stopped at the budget before {case.describe()}"
+                    break
+                for row in runner.run_case(case, [impls.IMPLS[n] for n in names], opts):
+                    writer.write(row)
+                done += 1
+        except BudgetExceeded:
+            note = "stopped at the budget (soft deadline)"
+        rows = writer.rows
+    if rows:
+        try:
+            from .plot import draw
+
+            draw(path)
+        except Exception as exc:  # noqa: BLE001 (the CSV stays)
+            from .runner import one_line
+
+            note = (note + "; " if note else "") + f"plots failed: {one_line(exc)}"
+    if clock.fits(p.model["host_paths"], reserve):
+        try:  # the ways a user calls the kernels (modules, functional, sync, fused, folded)
+            from . import overhead
+
+            table = overhead.stamped(overhead.device_table(device=device), device,
+                                     overhead.DEVICE_METHOD)
+            table.to_csv(out / "host_paths.csv", index=False)
+            note = (note + "; " if note else "") + f"host_paths.csv: {len(table)} rows"
+        except BudgetExceeded:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the stage's other results stay)
+            from .runner import one_line
+
+            note = (note + "; " if note else "") + f"host_paths failed: {one_line(exc)}"
+    return path, rows, note, done
+
+
+def run_gpu_tests(out, clock, reserve, estimate_s, tests=GPU_TESTS):
+    """The GPU tests, by pytest in a subprocess from the checkout (its output to
+    gpu_tests.txt), within twice their estimate and the budget.  Returns (tests run, note):
+    pytest's summary line, or why they did not run."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    if importlib.util.find_spec("pytest") is None:
+        return 0, "not run: pytest is not installed here"
+    if not all((root / t.split("::")[0]).exists() for t in tests):
+        return 0, "not run: the tests are not in this checkout"
+    timeout = min(2 * estimate_s, clock.budget_s - clock.elapsed() - reserve)
+    if timeout <= 0:
+        return 0, "not run: no time left"
+    command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-o",
+               "addopts=", *tests]
+    try:
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "PYTHONPATH": str(root)})
+        text, status = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:  # its output may come back as bytes
+        parts = [p.decode(errors="replace") if isinstance(p, bytes) else p or ""
+                 for p in (exc.stdout, exc.stderr)]
+        text, status = "".join(parts) + f"\ntimed out after {timeout:.0f} s", -1
+    (out / "gpu_tests.txt").write_text(text)
+    last = [line for line in text.splitlines() if line.strip()]
+    summary = last[-1].strip("= ") if last else "no output"
+    return len(tests), f"pytest exit {status}: {summary}"
 
 
 def finish(out, csv_path, stages, started, env, clock):
@@ -893,6 +1049,18 @@ def gpu_day(args):
             failed = sum(1 for r in rows if r["status"] != "ok")
             s.note = f"{failed} failed; " + s.note if failed else s.note
         stage("correctness", check_stage)
+
+        planned = {x.name for x in p.stages}
+        if "host" in planned:
+            def host_stage(s):
+                _, rows, note, s.done = run_host_cost(out, clock, p, run_fields, reserve,
+                                                      args.warmup_ms, args.rep_ms)
+                s.note = f"{rows} rows; " + note if note else f"{rows} rows"
+            stage("host", host_stage)
+        if "gpu_tests" in planned:
+            def tests_stage(s):
+                s.done, s.note = run_gpu_tests(out, clock, reserve, s.estimate_s)
+            stage("gpu_tests", tests_stage)
 
         def sweep_stage(s):
             nonlocal csv_path

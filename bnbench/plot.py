@@ -14,6 +14,12 @@ batch size on the x axis, one line per implementation:
   sizes: one marker per implementation, side by side, and a note in the panel when
   implementations' errors are equal (so that no series hides another).
 
+* ``<stem>_host.png`` (a GPU run only: its ``wall_us`` and ``graph_us`` columns): time per
+  call against batch size, median over the shapes, per implementation: do_bench's device
+  time (dashed), the wall time of calls back to back (solid: host cost included) and the
+  CUDA-graph replay time (dotted), so that the small-batch regime shows what a user pays
+  on the host.
+
 The speed figures share one y axis, the error figure one per column (dtype), on whole
 decades.  Titles name the device, shapes and batch sizes.  Rows with an error, skipped
 rows and untimed rows (Triton through the interpreter) draw nothing on the speed figures;
@@ -264,6 +270,53 @@ def _error_figure(df, title):
     return fig
 
 
+HOST_KIND = "host"  # drawn only from a run with wall_us / graph_us (a GPU run)
+HOST_LINES = (("median_ms", 1e3, "device (do_bench)", "--"), ("wall_us", 1.0, "wall", "-"),
+              ("graph_us", 1.0, "CUDA graph", ":"))
+
+
+def has_host_times(df):
+    """True when `df` (a run's rows) has wall-time figures to draw (a GPU run)."""
+    return "wall_us" in df and bool(df["wall_us"].notna().any())
+
+
+def _host_figure(df, title):
+    """Microseconds per call against batch size: per implementation (its colour and
+    marker), the device time, the back-to-back wall time and the CUDA-graph replay time
+    (one line style each), median over the shapes."""
+    from matplotlib.lines import Line2D
+
+    styles = _styles(df["impl"].unique())
+    fig, axes, cells, width = _panels(df, sharey="all")
+    handles, drawn = {}, []
+    for ax, mode, panel in cells:
+        for impl, g in panel.groupby("impl", sort=False):
+            style = dict(styles[impl])
+            for column, scale, _, linestyle in HOST_LINES:
+                if column not in g:
+                    continue
+                series = (g.groupby("N")[column].median() * scale).dropna()
+                if len(series):
+                    style["linestyle"] = linestyle
+                    ax.plot(series.index, series.values, **style)
+                    drawn += list(series.values)
+                    handles[impl] = Line2D([], [], color=style["color"], marker=style["marker"],
+                                           linestyle="none")
+        ax.set_xscale("log", base=2)
+        sizes = sorted(set(panel["N"]))
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size N")
+        ax.set_ylabel("µs per call")
+        ax.grid(alpha=0.3)
+    for ax, _, _ in cells:
+        _decades(ax, drawn)
+    for _, _, label, linestyle in HOST_LINES:
+        handles[label] = Line2D([], [], color="black", linestyle=linestyle)
+    _finish(fig, width, title, handles)
+    return fig
+
+
 def _sweep_text(df):
     """The shapes and batch sizes of `df`, for a figure's title."""
     shapes = sorted(set(zip(df["C"], df["H"], df["W"])))
@@ -274,7 +327,8 @@ def _sweep_text(df):
 
 
 def draw(csv_path, out_dir=None, shape=None):
-    """Draw the three PNGs of `csv_path` into `out_dir` (default: beside it); return their paths."""
+    """Draw the PNGs of `csv_path` (three, and the host figure for a run with wall times) into
+    `out_dir` (default: beside it); return their paths."""
     import numpy as np
 
     from . import report
@@ -341,8 +395,14 @@ def draw(csv_path, out_dir=None, shape=None):
                                    f"quantity (the largest over {sweep}); markers side by "
                                    f"side, equal errors noted in the panel"),
     }
+    kinds = list(KINDS)
+    if has_host_times(ok):
+        figures[HOST_KIND] = _host_figure(
+            ok, f"{device}: µs per call ({median}{sweep}): device time (do_bench, L2 flushed), "
+                f"wall time of calls back to back (host cost included) and CUDA-graph replay")
+        kinds.append(HOST_KIND)
     paths = []
-    for kind in KINDS:
+    for kind in kinds:
         path = out_dir / f"{csv_path.stem}_{kind}.png"
         figures[kind].savefig(path, dpi=110)
         paths.append(path)

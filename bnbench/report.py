@@ -15,8 +15,12 @@ Columns, in order:
 * the outcome: ``status`` (ok/error/skipped) and ``error`` (the exception or reason);
 * speed: ``median_ms``, ``p20_ms``, ``p80_ms``, ``gbps`` (minimal bytes / median time,
   see ``bnbench.cases``), ``frac_copy_bw`` (gbps / copy_gbps), ``peak_mem_mb`` (CUDA:
-  memory one call allocates beyond what was resident before it).  Empty for Triton
-  rows run by the interpreter, for failed rows, and peak memory on CPU;
+  memory one call allocates beyond what was resident before it), ``wall_us`` (CUDA: wall
+  time per call of calls back to back, no flush, one synchronisation per round: what a
+  user pays, host cost included) and ``graph_us`` (CUDA: the call captured once with
+  ``torch.cuda.graph``, per replay; empty where it cannot be captured, ``error`` saying
+  why).  Empty for Triton rows run by the interpreter, for failed rows, and peak memory,
+  wall and graph times on CPU;
 * error against the float64 reference: ``max_abs_err``, ``rel_l2_err`` (output y) and
   the same for dx, dweight, dbias, dresidual, running_mean, running_var
   (``bnbench.numerics``).
@@ -37,7 +41,8 @@ RUN_COLUMNS = STAMP_COLUMNS + ("copy_gbps",)
 CASE_COLUMNS = ("impl", "backend", "mode", "N", "C", "H", "W", "dtype", "layout",
                 "fusion")
 OUTCOME_COLUMNS = ("status", "error")
-SPEED_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "peak_mem_mb")
+SPEED_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "peak_mem_mb",
+                 "wall_us", "graph_us")
 COLUMNS = RUN_COLUMNS + CASE_COLUMNS + OUTCOME_COLUMNS + SPEED_COLUMNS + ERROR_COLUMNS
 
 

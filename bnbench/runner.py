@@ -11,7 +11,10 @@ inside its context (cuDNN on or off):
    profiler fails, with the reason in ``error``), and on CUDA the peak memory that
    call allocated beyond what was resident before it;
 3. the time (``timing``), unless the implementation is Triton run by the
-   interpreter: then the time columns stay empty.
+   interpreter: then the time columns stay empty; on CUDA also the wall time per call
+   back to back and the CUDA-graph replay time (``timing.host_times``: ``wall_us``,
+   ``graph_us``; a call that cannot be captured has no ``graph_us`` and its ``error``
+   says why, the row staying "ok").
 
 Any exception in a case or an implementation becomes that row's ``error``
 (status "error") and the sweep goes on; an implementation that cannot run
@@ -46,6 +49,7 @@ class Options:
     rep_ms: float = 100
     seed: int = 0
     copy_gbps: float = None
+    host_times: bool = True  # on CUDA: wall_us and graph_us too (timing.host_times)
 
 
 def one_line(exc):
@@ -138,6 +142,15 @@ def run_impl(impl, case, inputs, ref, opts):
                        gbps=gbps(case, t.median_ms))
             if opts.copy_gbps:
                 row["frac_copy_bw"] = row["gbps"] / opts.copy_gbps
+            if cuda and opts.host_times:  # what a user pays: back to back, and as a CUDA graph
+                try:
+                    host = timing.host_times(step, grads, t.median_ms, opts.rep_ms)
+                    row.update(wall_us=host.wall_us, graph_us=host.graph_us)
+                    problem = host.graph_error and f"CUDA graph: {host.graph_error}"
+                except Exception as exc:  # the row keeps its device time
+                    problem = f"host times: {one_line(exc)}"
+                if problem:
+                    row["error"] = "; ".join(filter(None, (row.get("error"), problem)))
     except Exception as exc:  # any failure is recorded and the sweep goes on
         row.update(status="error", error=one_line(exc))
         if cuda:

@@ -10,6 +10,13 @@ CPU (the baselines on a machine without a GPU): the same protocol timed with
 ``time.perf_counter`` around each call; no cache flush, so small shapes run
 from the CPU caches.  Never used for Triton's interpreter: an interpreter time
 says nothing about a kernel.
+
+What a user pays per call (CUDA only, :func:`host_times`): do_bench's time is the
+device's, the launches queued behind the flush, so it hides host cost.  ``wall_us`` is
+the wall time per call of calls made back to back (no flush, one synchronisation at the
+end of each round: the host's cost where it exceeds the device's); ``graph_us`` the same
+for replays of the call captured once with ``torch.cuda.graph`` (host cost gone: what a
+captured step pays).  Medians over rounds.
 """
 
 import time
@@ -61,6 +68,111 @@ def bench_cpu(fn, warmup_ms=25, rep_ms=100, grad_to_none=None, min_reps=5, max_r
         times.append((time.perf_counter() - start) * 1e3)
     median, p20, p80 = np.quantile(times, QUANTILES)
     return Timing(float(median), float(p20), float(p80))
+
+
+@dataclass(frozen=True)
+class HostTimes:
+    """Per call, in microseconds: back-to-back wall time, and CUDA-graph replay time (None
+    where the call could not be captured; `graph_error` then says why)."""
+
+    wall_us: float
+    graph_us: float = None
+    graph_error: str = None
+
+
+def _resetter(grad_to_none):
+    def reset():
+        for t in grad_to_none or ():
+            t.grad = None
+    return reset
+
+
+def _rounds(fn, calls, rounds, sync):
+    """Median over `rounds` of the wall time per call (µs) of `calls` back-to-back `fn()`,
+    `sync()` once at the end of each round."""
+    times = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return float(np.median(times))
+
+
+def wall_per_call_us(fn, device, grad_to_none=None, calls=100, rounds=5):
+    """Wall time per call of `fn` called back to back (µs): no cache flush, the device
+    synchronised once per round; the grads reset before each call as do_bench does."""
+    import torch
+
+    reset = _resetter(grad_to_none)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def call():
+        reset()
+        fn()
+    call()
+    return _rounds(call, calls, rounds, sync)
+
+
+def graph_replay_us(fn, grad_to_none=None, calls=100, rounds=5, warmup=3):
+    """Replay time per call (µs) of `fn` captured once with ``torch.cuda.graph``, after
+    `warmup` calls on a side stream (PyTorch's capture recipe); raises what the capture
+    raises.  The grads are reset before the warm-up and the capture (the captured call
+    then writes fresh ones, in the graph's memory, on every replay) and after."""
+    import torch
+
+    reset = _resetter(grad_to_none)
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            reset()
+            fn()
+    current.wait_stream(side)
+    reset()
+    graph, raised = torch.cuda.CUDAGraph(), []
+
+    def captured():
+        try:
+            fn()
+        except Exception as exc:  # the call's own error, not the capture's end that follows
+            raised.append(exc)
+            raise
+
+    try:
+        try:
+            with torch.cuda.graph(graph):
+                captured()
+        except Exception as exc:
+            raise (raised[0] if raised else exc) from None
+        graph.replay()
+        return _rounds(graph.replay, calls, rounds, torch.cuda.synchronize)
+    finally:
+        # torch.cuda.graph leaves its capture stream current when the capture's end raises
+        torch.cuda.set_stream(current)
+        reset()
+        del graph
+        torch.cuda.synchronize()
+
+
+def host_times(fn, grad_to_none=None, median_ms=None, rep_ms=100, rounds=5):
+    """:class:`HostTimes` of `fn` on the current CUDA device; the calls per round from
+    do_bench's `median_ms` (about `rep_ms` in all, 10 to 1000 a round)."""
+    import torch
+
+    calls = 100 if not median_ms else max(10, min(1000, int(rep_ms / rounds / median_ms)))
+    wall = wall_per_call_us(fn, "cuda", grad_to_none, calls, rounds)
+    try:
+        graph = graph_replay_us(fn, grad_to_none, calls, rounds)
+    except Exception as exc:  # a call that cannot be captured: the row says why
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        lines = str(exc).strip().splitlines()
+        return HostTimes(wall, None, f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200])
+    return HostTimes(wall, graph)
 
 
 def bench(fn, device, warmup_ms=25, rep_ms=100, grad_to_none=None):

@@ -150,10 +150,13 @@ class Launch:
 
 
 @contextlib.contextmanager
-def record_launches(scenario="", execute=False):
+def record_launches(scenario="", execute=False, keep_args=True):
     """Within the block, `kernel[grid](...)` appends a Launch to the yielded list instead of
     running (compiled or interpreted kernels alike; tensors may be on the meta device), or,
     with `execute`, before running as usual (to see which variants a real run launched).
+    Without `keep_args` a Launch holds no arguments (``args=()``, ``kwargs={}``): the kernel
+    and grid only, so the recording keeps no tensor alive (a kept gradient makes autograd
+    copy it rather than take it: what counts allocations must not change them).
     Raises TritonInternalsUnavailable (before the block) where the launch internals differ."""
     launches = []
     originals = {}  # (class, attribute) -> original
@@ -161,14 +164,18 @@ def record_launches(scenario="", execute=False):
     def saved(self, name):
         return next(o for (cls, n), o in originals.items() if n == name and isinstance(self, cls))
 
+    def recorded(self, args, kwargs, grid):
+        return Launch(scenario, self, args if keep_args else (), kwargs if keep_args else {},
+                      tuple(grid))
+
     def record(self, *args, grid, warmup=False, **kwargs):
-        launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
+        launches.append(recorded(self, args, kwargs, grid))
         if execute:
             return saved(self, "run")(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     def record_grid(self, grid):
         def launch(*args, **kwargs):
-            launches.append(Launch(scenario, self, args, kwargs, tuple(grid)))
+            launches.append(recorded(self, args, kwargs, grid))
             if execute:
                 return saved(self, "__getitem__")(self, grid)(*args, **kwargs)
         return launch

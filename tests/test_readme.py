@@ -108,3 +108,13 @@ def test_readme_proxy_tables_are_the_committed_results(table):
     df = pd.read_csv(ROOT / "results" / f"{table}.csv")
     expected = traffic.markdown(df) if table == "traffic" else traffic.parallelism_markdown(df)
     assert expected in README.read_text(), f"README's {table} table is not:\n{expected}"
+
+
+def test_readme_overhead_table_is_the_committed_results():
+    """The README's host-cost table is bnbench.overhead's markdown of results/overhead.csv."""
+    import pandas as pd
+
+    from bnbench import overhead
+
+    expected = overhead.markdown(pd.read_csv(ROOT / "results" / overhead.CSV_NAME))
+    assert expected in README.read_text(), f"README's overhead table is not:\n{expected}"

@@ -200,8 +200,8 @@ PATHS = (
              "world size 1)", _sync_module),
     CallPath("sync_functional_one_rank",
              "nn.BatchNorm2d train forward (torch has no synchronised batch norm on CPU)",
-             "kernels.sync_batch_norm train forward, gloo group of one (the synchronised "
-             "ops: all_gather of one rank)", _sync_functional),
+             "kernels.sync_batch_norm train forward, gloo group of one (no communication: "
+             "the single-process op)", _sync_functional),
     CallPath("residual_relu_train_fwd",
              "relu(nn.BatchNorm2d train forward + r)",
              "kernels.BatchNorm2d(activation='relu') train forward, residual=r (fused)",

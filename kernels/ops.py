@@ -252,6 +252,7 @@ class _BatchNormFunction(torch.autograd.Function):
         x, weight, bias, residual, _, _, _, training, _, eps, _, epilogue = inputs
         y, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # no zero gradients made for mean and rstd
         # the Triton backward reads y for relu(bn(x) + r); it recomputes the rest
         y_saved = y if epilogue.reads_output else None
         ctx.save_for_backward(x, y_saved, weight, bias, residual, mean, rstd)

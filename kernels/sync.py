@@ -44,7 +44,7 @@ from .backward import bn_backward
 from .forward import STATS_CENTRED, STATS_SUM, STATS_WELFORD, acc_dtype, bn_forward_eval, \
     launch_stats
 from .modules import _PLAIN, KERNELS_FOR, _BatchNormKernels, convert_tree
-from .ops import _dense, check_batch_norm_args, uses_triton
+from .ops import _dense, batch_norm, check_batch_norm_args, uses_triton
 
 
 def _group(name):
@@ -216,13 +216,23 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
+def _synchronises(group):
+    """True when `group` has more than one rank (else there is nothing to synchronise)."""
+    return dist.get_world_size(group) > 1
+
+
 def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                     process_group=None, *, stats="single_pass", residual=None, activation=None,
                     num_batches_tracked=None):
     """Training batch norm with the statistics of every rank of `process_group` (default:
     the world).  Arguments as :func:`kernels.batch_norm` (training=True); a collective, so
-    every rank of the group must call it."""
+    every rank of the group must call it.  In a group of one rank it is
+    :func:`kernels.batch_norm` (no communication, as the module)."""
     group = process_group if process_group is not None else dist.group.WORLD
+    if not _synchronises(group):  # one rank: the single-process op
+        return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                          stats=stats, residual=residual, activation=activation,
+                          num_batches_tracked=num_batches_tracked)
     return _SyncBatchNormFunction.apply(
         input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
         float(momentum), float(eps), stats, Epilogue.of(residual is not None, activation),

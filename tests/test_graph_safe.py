@@ -180,12 +180,14 @@ def test_plain_step_allocates_within_its_budget(device):
 @pytest.fixture
 def sync_net(monkeypatch):
     """A small net of kernels.SyncBatchNorm in a gloo group of one rank, taking the
-    synchronised route (``_group`` patched: with one rank it would not synchronise)."""
+    synchronised route (``_group`` and ``_synchronises`` patched: with one rank it would
+    not synchronise)."""
     from bnbench.registry import one_rank_group
 
     with one_rank_group() as group:
         monkeypatch.setattr(kernels.SyncBatchNorm, "_group",
                             lambda self: group if self.training else None)
+        monkeypatch.setattr(kernels.sync, "_synchronises", lambda group: True)
         yield kernels.SyncBatchNorm.convert_sync_batchnorm(small_net(), process_group=group)
 
 

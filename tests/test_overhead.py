@@ -14,8 +14,8 @@ FWD_SINGLE, BWD_SINGLE = "_bn_fwd_single_launch_kernel", "_bn_bwd_single_launch_
 STATS, APPLY, REDUCE, DX = ("_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel",
                             "_bn_bwd_reduce_kernel", "_bn_bwd_dx_kernel")
 # the kernels each path launches at 2x8x4x4 (32 values per channel: the single-launch path)
-# and at 16x4x28x28 (12544 per channel: the general path); eval is always one launch, the
-# synchronised op always the statistics launch then the inference kernel
+# and at 16x4x28x28 (12544 per channel: the general path); eval is always one launch;
+# sync_batch_norm in a group of one is the single-process op
 LAUNCHED = {
     "eval_no_grad": ([APPLY], [APPLY]),
     "eval": ([APPLY], [APPLY]),
@@ -24,7 +24,7 @@ LAUNCHED = {
     "functional_eval": ([APPLY], [APPLY]),
     "functional_train": ([FWD_SINGLE], [STATS, APPLY]),
     "sync_module_one_rank": ([FWD_SINGLE], [STATS, APPLY]),
-    "sync_functional_one_rank": ([STATS, APPLY], [STATS, APPLY]),
+    "sync_functional_one_rank": ([FWD_SINGLE], [STATS, APPLY]),
     "residual_relu_train_fwd": ([FWD_SINGLE], [STATS, APPLY]),
     "folded_inference": ([APPLY], [APPLY]),
 }

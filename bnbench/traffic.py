@@ -212,8 +212,12 @@ def run_command(args):
         print("bnbench traffic: Triton was imported before the interpreter could be switched "
               "on; run it in a fresh process", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .environment import command_out
+
+    names = ["traffic.csv"] + ([] if args.no_parallelism else ["parallelism.csv"])
+    out = command_out("traffic", args.out, "results", names)
+    if out is None:
+        return 2
     print("Measured proxies for speed, not speeds: bytes counted in Triton's interpreter.",
           flush=True)
     traffic = _stamp(pd.DataFrame(traffic_table(args.shapes, args.dtypes, args.layouts,
@@ -248,7 +252,9 @@ def add_parser(subparsers):
                    help="comma-separated, default nchw,nhwc")
     p.add_argument("--fusions", type=choices("fusions", FUSIONS), default=FUSIONS,
                    help=f"from {', '.join(FUSIONS)}, default all")
-    p.add_argument("--out", default="results", help="folder for traffic.csv and parallelism.csv")
+    p.add_argument("--out", default=None,
+                   help="folder for traffic.csv and parallelism.csv (default results/; in a "
+                        "checkout, results/local/ where results/ holds them committed)")
     p.add_argument("--no-parallelism", action="store_true",
                    help="skip the full-scale program counts")
     p.set_defaults(func=run_command, uses_device=False)

@@ -208,7 +208,11 @@ def convert_check(model, mode, seed=0, device="cpu"):
 def run_command(args):
     import pandas as pd
 
-    from bnbench.environment import read_tf32, stamp
+    from bnbench.environment import command_out, read_tf32, stamp
+
+    out = command_out("zoo", args.out, "results", ["zoo.csv"])
+    if out is None:
+        return 2
     import kernels
     import torch
 
@@ -242,10 +246,6 @@ def run_command(args):
     df["timm_version"], df["torchvision_version"] = timm.__version__, torchvision.__version__
     df = stamp(df, device, interpreted=bool(kernels.INTERPRETED), method=METHOD,
                tf32=read_tf32() if device == "cuda" else None)
-    from pathlib import Path
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "zoo.csv", index=False)
     print(f"wrote {out / 'zoo.csv'}\n")
     print(markdown_table(df))
@@ -289,14 +289,29 @@ def markdown_table(df):
     return "\n".join(lines)
 
 
+def _model_substrings(text):
+    """--models: comma-separated substrings, each naming at least one model in MODELS."""
+    import argparse
+
+    wanted = [m for m in text.split(",") if m]
+    bad = [m for m in wanted if not any(m in name for _, name, _, _ in MODELS)]
+    if bad or not wanted:
+        raise argparse.ArgumentTypeError(
+            f"no model matches {', '.join(bad) or repr(text)} (models: "
+            f"{', '.join(name for _, name, _, _ in MODELS)})")
+    return wanted
+
+
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "zoo", help="fold and convert timm/torchvision models: exactness, BNs folded and kept",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m],
+    p.add_argument("--models", type=_model_substrings,
                    help="comma-separated substrings of model names (default: all)")
     p.add_argument("--convert", choices=("small", "all", "none"), default="small",
                    help="which models to also convert and run on the kernels (default: the "
                         "small ones; through the interpreter that takes seconds each)")
-    p.add_argument("--out", default="results", help="folder for zoo.csv")
+    p.add_argument("--out", default=None,
+                   help="folder for zoo.csv (default results/; in a checkout, results/local/ "
+                        "where results/zoo.csv is committed)")
     p.set_defaults(func=run_command)

@@ -419,3 +419,32 @@ def test_a_run_in_the_checkout_never_replaces_a_committed_result(tmp_path):
                             text=True, check=True).stdout
     assert status == "", status
 
+
+
+BAD_INPUTS = [  # issue 22: each a one-line error, exit 2, nothing written
+    ("zoo", "--models", "nosuchnet"),
+    ("zoo", "--out", "afile"),
+    ("inspect", "--match", "(["),
+    ("comm", "--channels", "-5"),
+    ("comm", "--channels", "0"),
+    ("gpu-day", "--workers", "0"),
+    ("gpu-day", "--workers", "-4"),
+    ("gpu-day", "--dry-run", "--budget", "inf"),
+    ("run", "--rep-ms", "inf"),
+    ("run", "--warmup-ms", "nan"),
+    ("run", "--name", "../x"),
+    ("run", "--cpu-threads", "0"),
+    ("traffic", "--out", "afile"),
+    ("train", "--epochs", "0"),
+]
+
+
+@pytest.mark.parametrize("args", BAD_INPUTS, ids=" ".join)
+def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args):
+    (tmp_path / "afile").write_text("mine\n")
+    out = bnbench(*args, cwd=tmp_path)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "mine\n"

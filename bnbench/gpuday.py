@@ -1,4 +1,4 @@
-"""`bnbench gpu-day`: make a first, short loan of one GPU count, within a budget in seconds.
+"""`bnbench gpu-day`: make the most of a first, short loan of one GPU, within a budget in seconds.
 
 Meant for a machine with one NVIDIA GPU, its preinstalled torch and triton and no network:
 run from a checkout with ``PYTHONPATH=. python -m bnbench.cli gpu-day --budget 480 --out

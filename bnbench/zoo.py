@@ -221,7 +221,11 @@ def run_command(args):
     kernels.set_interpreter_plans(device == "cpu")
     rows = []
     wanted = [m for m in MODELS if not args.models or any(s in m[1] for s in args.models)]
-    for library, name, build, small in wanted:
+    from tqdm import tqdm
+
+    bar = tqdm(wanted, desc="bnbench zoo", unit="model", file=sys.stderr)
+    for library, name, build, small in bar:
+        bar.set_postfix_str(name)
         row = dict(library=library, model=name)
         torch.manual_seed(0)  # the model's own initialisation: the same network every run
         try:
@@ -240,7 +244,7 @@ def run_command(args):
             row["error"] = ""
         except Exception as e:  # one model's failure is a row, not the end of the sweep
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        print(_line(row), flush=True)
+        bar.write(_line(row))
         rows.append(row)
     df = pd.DataFrame(rows)
     df["timm_version"], df["torchvision_version"] = timm.__version__, torchvision.__version__
@@ -261,10 +265,13 @@ def _fmt(v, spec):
 
 
 def _line(row):
-    return (f"{row['library']:12s} {row['model']:42s} BNs {row.get('bns', '')!s:>3} folded "
-            f"{row.get('folded', '')!s:>3} fold err {_fmt(row.get('fold_rel_err'), '.1e')} "
-            f"convert eval/train {_fmt(row.get('convert_eval_rel_err'), '.1e')}"
-            f"/{_fmt(row.get('convert_train_rel_err'), '.1e')} {row.get('error', '')}")
+    """One model's result; the conversion part only for a model that was converted."""
+    line = (f"{row['library']:12s} {row['model']:42s} BNs {row.get('bns', '')!s:>3} folded "
+            f"{row.get('folded', '')!s:>3} fold err {_fmt(row.get('fold_rel_err'), '.1e')}")
+    if "convert_s" in row:
+        line += (f" convert eval/train {_fmt(row.get('convert_eval_rel_err'), '.1e')}"
+                 f"/{_fmt(row.get('convert_train_rel_err'), '.1e')}")
+    return f"{line} {row.get('error', '')}".rstrip()
 
 
 def markdown_table(df):

@@ -138,10 +138,16 @@ def _op_variants(fusion, layout, dtype):
 
 
 def traffic_table(shapes=SCALED_SHAPES, dtypes=("float32",), layouts=("nchw", "nhwc"),
-                  fusions=FUSIONS):
-    """Counted rows for every op, statistics mode, fusion, layout, shape and dtype."""
-    return [measure(v, shape) for shape in shapes for dtype in dtypes for layout in layouts
-            for fusion in fusions for v in _op_variants(fusion, layout, dtype)]
+                  fusions=FUSIONS, progress=False):
+    """Counted rows for every op, statistics mode, fusion, layout, shape and dtype;
+    `progress`: a tqdm bar on stderr (the command's; minutes through the interpreter)."""
+    points = [(v, shape) for shape in shapes for dtype in dtypes for layout in layouts
+              for fusion in fusions for v in _op_variants(fusion, layout, dtype)]
+    if progress:
+        from tqdm import tqdm
+
+        points = tqdm(points, desc="bnbench traffic", unit="variant", file=sys.stderr)
+    return [measure(v, shape) for v, shape in points]
 
 
 def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
@@ -221,7 +227,7 @@ def run_command(args):
     print("Measured proxies for speed, not speeds: bytes counted in Triton's interpreter.",
           flush=True)
     traffic = _stamp(pd.DataFrame(traffic_table(args.shapes, args.dtypes, args.layouts,
-                                                args.fusions)))
+                                                args.fusions, progress=True)))
     traffic.to_csv(out / "traffic.csv", index=False)
     shown = ["op", "stats", "fusion", "layout", "N", "C", "H", "W", "dtype", "path", "launches",
              "programs", "read_B_per_elem", "write_B_per_elem", "min_B_per_elem",

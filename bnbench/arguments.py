@@ -1,4 +1,5 @@
-"""argparse types shared by the commands: names from a list, integer lists, positive numbers.
+"""argparse types shared by the commands: names from a list, integer lists, finite positive
+numbers, bounded integers, regular expressions, file-name stems.
 
 Light on purpose (no torch, triton or pandas): the parsers are built before any command
 runs.  Each raises ``argparse.ArgumentTypeError`` with a message naming what was expected.
@@ -38,11 +39,49 @@ def integers(kind, example, minimum=1):
 
 
 def positive(text):
-    """A number > 0."""
+    """A finite number > 0 (not inf or nan)."""
+    import math
+
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
     return value
+
+
+def int_at_least(minimum, what):
+    """An integer >= `minimum`; `what` names it in the message ("positive")."""
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+        return value
+    return convert
+
+
+positive_int = int_at_least(1, "positive")
+nonnegative_int = int_at_least(0, "non-negative")
+
+
+def regex(text):
+    """A regular expression that compiles (returned as text)."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}")
+    return text
+
+
+def stem(text):
+    """A file-name stem: no folder part, not empty, not '.' or '..'."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(
+            f"invalid name {text!r}: expected a file name without a folder, e.g. run_quick")
+    return text

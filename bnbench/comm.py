@@ -20,7 +20,7 @@ Writes ``comm.csv`` (one row per implementation x phase x world size) and prints
 
 import sys
 
-from .arguments import integers
+from .arguments import integers, positive_int
 
 WORLDS = (2, 8, 64)
 METHOD = ("torch.distributed collectives recorded on one rank (gloo, NCCL on a GPU), bytes per "
@@ -127,12 +127,10 @@ def run_command(args):
 
     import kernels
 
-    from .environment import STAMP_COLUMNS, OutputError, output_dir, stamp
+    from .environment import STAMP_COLUMNS, command_out, stamp
 
-    try:
-        out = output_dir(args.out)
-    except OutputError as exc:
-        print(f"bnbench comm: {exc}", file=sys.stderr)
+    out = command_out("comm", args.out, "results", ["comm.csv"])
+    if out is None:
         return 2
     table = pd.DataFrame(rows(measure(args.channels), args.channels, args.worlds))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,8 +147,10 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "comm", help="collectives and bytes per rank of kernels.SyncBatchNorm vs torch's",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--channels", type=int, default=CHANNELS, help=f"C (default {CHANNELS})")
+    p.add_argument("--channels", type=positive_int, default=CHANNELS, help=f"C (default {CHANNELS})")
     p.add_argument("--worlds", type=integers("world sizes", "2,8,64", minimum=2), default=WORLDS,
                    help="world sizes, default 2,8,64")
-    p.add_argument("--out", default="results", help="folder for comm.csv (default results)")
+    p.add_argument("--out", default=None,
+                   help="folder for comm.csv (default results/; in a checkout, results/local/ "
+                        "where results/comm.csv is committed)")
     p.set_defaults(func=run_command)

@@ -7,7 +7,6 @@ Also the settings ``bnbench run`` and ``bnbench train`` share: the CPU thread co
 No torch at import time (the CLI's parsers import this module).
 """
 
-import argparse
 import datetime
 import json
 import platform
@@ -70,19 +69,11 @@ def git_commit(root=None):
     return _checkout_commit(root) or _installed_commit() or "unknown"
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_cpu_threads_argument(p):
     """``--cpu-threads``, the same option in ``bnbench run`` and ``bnbench train``."""
-    p.add_argument("--cpu-threads", type=_positive_int, default=1,
+    from .arguments import positive_int
+
+    p.add_argument("--cpu-threads", type=positive_int, default=1,
                    help="torch threads without a GPU (default 1: the small CPU shapes gain "
                         "nothing from more, and a thread waiting for a busy core would be "
                         "timed)")
@@ -285,3 +276,25 @@ def keep_committed(out, names, explicit, local):
         return Path(out), None
     return Path(local), (f"{kept[0]} is a committed result: writing into {local}/ instead "
                          f"(--out {out} replaces it)")
+
+
+def command_out(command, out, default, names, local="results/local"):
+    """The folder a writing command uses, by `bnbench run`'s rule: `out` when given (--out);
+    else `default`, unless one of the files `names` there is committed in this checkout,
+    then `local` (and the command says so).  The folder is created and checked first, so a
+    bad --out fails before any work.
+
+    Returns the folder, or None after one line on stderr (the caller exits 2).
+    """
+    import sys
+
+    folder, note = keep_committed(out if out is not None else default, names,
+                                  explicit=out is not None, local=local)
+    try:
+        output_dir(folder)
+    except OutputError as exc:
+        print(f"bnbench {command}: error: {exc}", file=sys.stderr)
+        return None
+    if note:
+        print(f"bnbench {command}: {note}", flush=True)
+    return Path(folder)

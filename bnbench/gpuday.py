@@ -1,4 +1,4 @@
-"""`bnbench gpu-day`: make a first, short loan of one GPU count, within a budget in seconds.
+"""`bnbench gpu-day`: make the most of a first, short loan of one GPU, within a budget in seconds.
 
 Meant for a machine with one NVIDIA GPU, its preinstalled torch and triton and no network:
 run from a checkout with ``PYTHONPATH=. python -m bnbench.cli gpu-day --budget 480 --out
@@ -89,6 +89,7 @@ MODEL = {
 }
 WARMUP_MS, REP_MS = 10.0, 25.0  # do_bench per row (bnbench run's defaults: 25 and 100)
 WORKERS = 16  # compile workers planned for (the lent machine's cores); at run time: cpu_count
+DEFAULT_OUT = Path("results/gpu_day")  # gpu-day's folder unless --out says another
 RECOMPILE_CAP = 16  # torch.compile recompiles per code object; beyond it a row fails
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 IMPL_ORDER = ("triton_single_pass", "triton_two_pass", "triton_eval", "cudnn", "torch_native",
@@ -969,20 +970,24 @@ def gpu_day(args):
     clock = Clock(args.budget, start=getattr(args, "start", None) or _T0)
     from . import environment
 
-    try:
-        environment.output_dir(args.out)
-    except environment.OutputError as exc:
-        print(f"bnbench gpu-day: error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
     if args.dry_run:
         os.environ.pop("TRITON_INTERPRET", None)  # recording needs no interpreter
         p = plan(args.budget, len(all_launches(_planned_cases(args.budget))),
                  workers=args.workers, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         text = format_plan(p)
+        if args.out is not None:  # a dry run writes nothing unless asked (--out)
+            out = environment.command_out("gpu-day", args.out, None, [])
+            if out is None:
+                return 2
         print(text)
-        (out / "gpu_day_plan.txt").write_text(text + "\n")
+        if args.out is not None:
+            (out / "gpu_day_plan.txt").write_text(text + "\n")
+            print(f"wrote {out / 'gpu_day_plan.txt'}")
         return 0 if p.estimate_s <= args.budget else 1
+
+    out = environment.command_out("gpu-day", args.out, DEFAULT_OUT, [])
+    if out is None:
+        return 2
 
     import torch
 
@@ -1093,7 +1098,7 @@ def _planned_cases(budget):
 
 
 def add_parser(subparsers):
-    from .arguments import positive
+    from .arguments import positive, positive_int
 
     p = subparsers.add_parser(
         "gpu-day", help="a budgeted first run on a GPU: environment, compiled-kernel "
@@ -1103,11 +1108,12 @@ def add_parser(subparsers):
                     "on any machine.")
     p.add_argument("--budget", type=positive, default=480.0,
                    help="seconds for the whole command, start to end (default 480)")
-    p.add_argument("--out", type=Path, default=Path("results/gpu_day"),
-                   help="output folder (default results/gpu_day)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default {DEFAULT_OUT}; --dry-run writes its plan "
+                        "only with --out)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the planned cases and the estimated time per stage; no GPU")
-    p.add_argument("--workers", type=int, default=WORKERS,
+    p.add_argument("--workers", type=positive_int, default=WORKERS,
                    help=f"compile worker processes (default {WORKERS}, at most the CPU count)")
     p.add_argument("--warmup-ms", type=positive, default=WARMUP_MS,
                    help=f"do_bench warm-up per row (default {WARMUP_MS:g})")

@@ -70,16 +70,17 @@ def markdown(df):
 
 
 def run_command(args):
-    from bnbench.environment import stamp
+    from bnbench.environment import command_out, stamp
 
+    out = command_out("inspect", args.out, "results", ["inspect.csv"])
+    if out is None:
+        return 2
     archs = tuple(args.arch)
     df = compile_variants(archs, args.match)
     method = ("triton.compile + ptxas for " + "/".join(f"sm_{a}" for a in archs)
               + ", no GPU; registers, spills and shared memory from the compiled kernel, "
               "widest load/store from its PTX")
     df = stamp(df, None, interpreted=False, method=method)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "inspect.csv"
     df.to_csv(path, index=False)
     print("Compiled resources are measured proxies for speed, not speeds.")
@@ -90,13 +91,17 @@ def run_command(args):
 
 
 def add_parser(subparsers):
+    from .arguments import regex
+
     p = subparsers.add_parser(
         "inspect", help="compile every kernel variant for sm_80/sm_90 and report its resources",
         description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
                    help="compute capability (repeatable; default 80 and 90)")
-    p.add_argument("--match", help="only scenarios whose name matches this regular expression")
-    p.add_argument("--out", default="results", help="folder for inspect.csv")
+    p.add_argument("--match", type=regex, help="only scenarios whose name matches this regular expression")
+    p.add_argument("--out", default=None,
+                   help="folder for inspect.csv (default results/; in a checkout, "
+                        "results/local/ where results/inspect.csv is committed)")
     p.set_defaults(func=_with_default_archs, uses_device=False)
 
 

@@ -25,7 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .arguments import choices, integers, positive
+from .arguments import choices, integers, positive, stem
 from .cases import ALL_MODES, DTYPE_ALIASES, DTYPES, FUSIONS, LAYOUTS, MODES
 from .environment import add_cpu_threads_argument
 from .plot import KINDS
@@ -78,7 +78,7 @@ def add_parser(subparsers):
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: results/; in a checkout, results/local/ "
                         "where results/ holds a committed file of the same name)")
-    p.add_argument("--name", default=None,
+    p.add_argument("--name", type=stem, default=None,
                    help="file name stem (default: run_<sweep>_<device>, e.g. run_quick_cpu)")
     p.add_argument("--warmup-ms", type=positive, default=25.0, help="warm-up time per row")
     p.add_argument("--rep-ms", type=positive, default=100.0, help="timed repetitions per row")

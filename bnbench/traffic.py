@@ -138,10 +138,16 @@ def _op_variants(fusion, layout, dtype):
 
 
 def traffic_table(shapes=SCALED_SHAPES, dtypes=("float32",), layouts=("nchw", "nhwc"),
-                  fusions=FUSIONS):
-    """Counted rows for every op, statistics mode, fusion, layout, shape and dtype."""
-    return [measure(v, shape) for shape in shapes for dtype in dtypes for layout in layouts
-            for fusion in fusions for v in _op_variants(fusion, layout, dtype)]
+                  fusions=FUSIONS, progress=False):
+    """Counted rows for every op, statistics mode, fusion, layout, shape and dtype;
+    `progress`: a tqdm bar on stderr (the command's; minutes through the interpreter)."""
+    points = [(v, shape) for shape in shapes for dtype in dtypes for layout in layouts
+              for fusion in fusions for v in _op_variants(fusion, layout, dtype)]
+    if progress:
+        from tqdm import tqdm
+
+        points = tqdm(points, desc="bnbench traffic", unit="variant", file=sys.stderr)
+    return [measure(v, shape) for v, shape in points]
 
 
 def parallelism_table(batches=FULL_SCALE_BATCHES, layouts=("nchw", "nhwc")):
@@ -212,12 +218,16 @@ def run_command(args):
         print("bnbench traffic: Triton was imported before the interpreter could be switched "
               "on; run it in a fresh process", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .environment import command_out
+
+    names = ["traffic.csv"] + ([] if args.no_parallelism else ["parallelism.csv"])
+    out = command_out("traffic", args.out, "results", names)
+    if out is None:
+        return 2
     print("Measured proxies for speed, not speeds: bytes counted in Triton's interpreter.",
           flush=True)
     traffic = _stamp(pd.DataFrame(traffic_table(args.shapes, args.dtypes, args.layouts,
-                                                args.fusions)))
+                                                args.fusions, progress=True)))
     traffic.to_csv(out / "traffic.csv", index=False)
     shown = ["op", "stats", "fusion", "layout", "N", "C", "H", "W", "dtype", "path", "launches",
              "programs", "read_B_per_elem", "write_B_per_elem", "min_B_per_elem",
@@ -248,7 +258,9 @@ def add_parser(subparsers):
                    help="comma-separated, default nchw,nhwc")
     p.add_argument("--fusions", type=choices("fusions", FUSIONS), default=FUSIONS,
                    help=f"from {', '.join(FUSIONS)}, default all")
-    p.add_argument("--out", default="results", help="folder for traffic.csv and parallelism.csv")
+    p.add_argument("--out", default=None,
+                   help="folder for traffic.csv and parallelism.csv (default results/; in a "
+                        "checkout, results/local/ where results/ holds them committed)")
     p.add_argument("--no-parallelism", action="store_true",
                    help="skip the full-scale program counts")
     p.set_defaults(func=run_command, uses_device=False)

@@ -5,8 +5,9 @@
 command runs.
 """
 
-import argparse
 from pathlib import Path
+
+from .arguments import nonnegative_int as _nonnegative_int, positive_int as _positive_int
 
 SEED = 5842  # the seed article's set_seed(5842)
 QUICK = dict(train_size=10, test_size=10, epochs=1, lenet_epochs=1, grid=7)
@@ -16,22 +17,6 @@ FULL_OUT = Path("results/train")
 QUICK_OUT = Path("results/train_quick")  # a quick run never replaces the full run's files
 # without --out, committed files are never replaced: the run goes to results/local/<name>
 LOCAL_ROOT = Path("results/local")
-
-
-def _int_at_least(minimum, what):
-    def convert(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
-        return value
-    return convert
-
-
-_positive_int = _int_at_least(1, "positive")
-_nonnegative_int = _int_at_least(0, "non-negative")
 
 
 def add_arguments(p):

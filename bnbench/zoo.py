@@ -208,7 +208,11 @@ def convert_check(model, mode, seed=0, device="cpu"):
 def run_command(args):
     import pandas as pd
 
-    from bnbench.environment import read_tf32, stamp
+    from bnbench.environment import command_out, read_tf32, stamp
+
+    out = command_out("zoo", args.out, "results", ["zoo.csv"])
+    if out is None:
+        return 2
     import kernels
     import torch
 
@@ -217,7 +221,11 @@ def run_command(args):
     kernels.set_interpreter_plans(device == "cpu")
     rows = []
     wanted = [m for m in MODELS if not args.models or any(s in m[1] for s in args.models)]
-    for library, name, build, small in wanted:
+    from tqdm import tqdm
+
+    bar = tqdm(wanted, desc="bnbench zoo", unit="model", file=sys.stderr)
+    for library, name, build, small in bar:
+        bar.set_postfix_str(name)
         row = dict(library=library, model=name)
         torch.manual_seed(0)  # the model's own initialisation: the same network every run
         try:
@@ -236,16 +244,12 @@ def run_command(args):
             row["error"] = ""
         except Exception as e:  # one model's failure is a row, not the end of the sweep
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        print(_line(row), flush=True)
+        bar.write(_line(row))
         rows.append(row)
     df = pd.DataFrame(rows)
     df["timm_version"], df["torchvision_version"] = timm.__version__, torchvision.__version__
     df = stamp(df, device, interpreted=bool(kernels.INTERPRETED), method=METHOD,
                tf32=read_tf32() if device == "cuda" else None)
-    from pathlib import Path
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "zoo.csv", index=False)
     print(f"wrote {out / 'zoo.csv'}\n")
     print(markdown_table(df))
@@ -261,10 +265,13 @@ def _fmt(v, spec):
 
 
 def _line(row):
-    return (f"{row['library']:12s} {row['model']:42s} BNs {row.get('bns', '')!s:>3} folded "
-            f"{row.get('folded', '')!s:>3} fold err {_fmt(row.get('fold_rel_err'), '.1e')} "
-            f"convert eval/train {_fmt(row.get('convert_eval_rel_err'), '.1e')}"
-            f"/{_fmt(row.get('convert_train_rel_err'), '.1e')} {row.get('error', '')}")
+    """One model's result; the conversion part only for a model that was converted."""
+    line = (f"{row['library']:12s} {row['model']:42s} BNs {row.get('bns', '')!s:>3} folded "
+            f"{row.get('folded', '')!s:>3} fold err {_fmt(row.get('fold_rel_err'), '.1e')}")
+    if "convert_s" in row:
+        line += (f" convert eval/train {_fmt(row.get('convert_eval_rel_err'), '.1e')}"
+                 f"/{_fmt(row.get('convert_train_rel_err'), '.1e')}")
+    return f"{line} {row.get('error', '')}".rstrip()
 
 
 def markdown_table(df):
@@ -289,14 +296,29 @@ def markdown_table(df):
     return "\n".join(lines)
 
 
+def _model_substrings(text):
+    """--models: comma-separated substrings, each naming at least one model in MODELS."""
+    import argparse
+
+    wanted = [m for m in text.split(",") if m]
+    bad = [m for m in wanted if not any(m in name for _, name, _, _ in MODELS)]
+    if bad or not wanted:
+        raise argparse.ArgumentTypeError(
+            f"no model matches {', '.join(bad) or repr(text)} (models: "
+            f"{', '.join(name for _, name, _, _ in MODELS)})")
+    return wanted
+
+
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "zoo", help="fold and convert timm/torchvision models: exactness, BNs folded and kept",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m],
+    p.add_argument("--models", type=_model_substrings,
                    help="comma-separated substrings of model names (default: all)")
     p.add_argument("--convert", choices=("small", "all", "none"), default="small",
                    help="which models to also convert and run on the kernels (default: the "
                         "small ones; through the interpreter that takes seconds each)")
-    p.add_argument("--out", default="results", help="folder for zoo.csv")
+    p.add_argument("--out", default=None,
+                   help="folder for zoo.csv (default results/; in a checkout, results/local/ "
+                        "where results/zoo.csv is committed)")
     p.set_defaults(func=run_command)

@@ -239,6 +239,47 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
         group.group_name)[0]
 
 
+def _torch_sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group,
+                           residual, epilogue, num_batches_tracked):
+    """The CPU fallback (CPU tensors, Triton's interpreter off), as the single-process
+    modules fall back to torch: the global batch's statistics from all_reduces of each
+    rank's (count, sum) then of its centred sum of squares, in float64 accumulation of
+    torch ops; autograd through ``torch.distributed.nn``'s all_reduce (its backward sums
+    the gradients over the group), so dx is the whole batch's and dweight/dbias each
+    rank's own, as with the kernels.  The running statistics get the global mean and the
+    unbiased variance."""
+    from torch.distributed.nn.functional import all_reduce
+
+    dims = [0] + list(range(2, x.dim()))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    n_local = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=acc)
+    count_sum = all_reduce(torch.cat([n_local.expand(1), xa.sum(dims)]), group=group)
+    count = count_sum[0]
+    if not count.item() > 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {list(x.shape)} on this rank and {int(count.item())} value(s) "
+                         "per channel in the group")
+    mean = count_sum[1:] / count
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    centred = xa - mean.view(shape)
+    m2 = all_reduce((centred * centred).sum(dims), group=group)
+    var = m2 / count
+    y = centred * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        y = y * weight.to(acc).view(shape)
+    if bias is not None:
+        y = y + bias.to(acc).view(shape)
+    y = epilogue.apply(y.to(x.dtype), residual)
+    if running_mean is not None:
+        with torch.no_grad():
+            m = momentum if num_batches_tracked is None else 1.0 / float(num_batches_tracked)
+            running_mean.mul_(1 - m).add_(mean.detach().to(running_mean.dtype), alpha=m)
+            unbiased = (m2.detach() / (count.detach() - 1)).to(running_var.dtype)
+            running_var.mul_(1 - m).add_(unbiased, alpha=m)
+    return y
+
+
 class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` on the Triton kernels, for CUDA (NCCL) and CPU (gloo).
 
@@ -266,11 +307,6 @@ class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
         group = self._group()
         if group is None:
             return super().forward(input, residual)
-        if not uses_triton(input):
-            raise RuntimeError(
-                "kernels.SyncBatchNorm on CPU tensors runs the Triton kernels through Triton's "
-                "interpreter: set TRITON_INTERPRET=1 before triton is imported (the "
-                "synchronised op has no PyTorch fallback)")
         self._check_input_dim(input)
         if not torch.compiler.is_compiling():
             self._check_group_agrees(input, group)
@@ -287,6 +323,11 @@ class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 cumulative = self.num_batches_tracked
+        if not uses_triton(input):  # CPU tensors without the interpreter: torch's maths
+            return _torch_sync_batch_norm(input, running_mean, running_var, self.weight,
+                                          self.bias, momentum, self.eps, group, residual,
+                                          Epilogue.of(residual is not None, self.activation),
+                                          cumulative)
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                momentum, self.eps, group, stats=self.stats, residual=residual,
                                activation=self.activation, num_batches_tracked=cumulative)

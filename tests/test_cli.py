@@ -375,33 +375,76 @@ def test_plot_rejects_what_is_not_a_run_csv(tmp_path, blocked):
     assert not list(tmp_path.rglob("*.png"))
 
 
-def test_a_run_in_the_checkout_never_replaces_a_committed_result():
+def scratch_clone(tmp_path):
+    """A git clone of this checkout's committed state in `tmp_path`: a test that writes
+    where a user's checkout would write works there, never in the user's own files."""
+    clone = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)],
+                   check=True, capture_output=True, timeout=120)
+    return clone
+
+
+def test_a_run_in_the_checkout_never_replaces_a_committed_result(tmp_path):
     """Without --out, `bnbench run` and `bnbench plot` in the checkout write results/local/
-    where results/ holds a committed file of the same name, and say so."""
+    where results/ holds a committed file of the same name, and say so.  In a scratch clone:
+    the user's own results/local/ is never touched (issue 24)."""
     import hashlib
 
-    committed = [ROOT / "results" / f"run_quick_cpu{end}"
+    root = scratch_clone(tmp_path)
+    env = dict(_env(), PYTHONPATH=str(root))
+
+    def in_clone(*args):
+        return subprocess.run([sys.executable, "-m", "bnbench.cli", *args], cwd=root, env=env,
+                              capture_output=True, text=True)
+
+    committed = [root / "results" / f"run_quick_cpu{end}"
                  for end in (".csv", "_throughput.png", "_speedup.png", "_error.png")]
     before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in committed]
-    local = ROOT / "results" / "local"
+    local = root / "results" / "local"
     made = [local / p.name for p in committed]
-    try:
-        out = bnbench("run", "--shapes", "3x2x2", "--batch-sizes", "2", "--modes", "eval",
-                      "--dtypes", "float32", "--layouts", "nchw", "--impls", "torch_native",
-                      "--rep-ms", "5", "--warmup-ms", "1", "--name", "run_quick_cpu", cwd=ROOT)
-        assert out.returncode == 0, out.stderr
-        assert "results/run_quick_cpu.csv is a committed result" in " ".join(out.stdout.split())
-        assert len(pd.read_csv(local / "run_quick_cpu.csv")) == 1
-        for path in made[1:]:
-            path.unlink()
-        redraw = bnbench("plot", "results/run_quick_cpu.csv", cwd=ROOT)
-        assert redraw.returncode == 0, redraw.stderr
-        assert "is a committed result: writing into results/local/" in redraw.stdout
-        assert all(p.exists() for p in made[1:])
-    finally:
-        for path in made:
-            path.unlink(missing_ok=True)
-        if local.exists() and not any(local.iterdir()):
-            local.rmdir()
+    out = in_clone("run", "--shapes", "3x2x2", "--batch-sizes", "2", "--modes", "eval",
+                   "--dtypes", "float32", "--layouts", "nchw", "--impls", "torch_native",
+                   "--rep-ms", "5", "--warmup-ms", "1", "--name", "run_quick_cpu")
+    assert out.returncode == 0, out.stderr
+    assert "results/run_quick_cpu.csv is a committed result" in " ".join(out.stdout.split())
+    assert len(pd.read_csv(local / "run_quick_cpu.csv")) == 1
+    for path in made[1:]:
+        path.unlink()
+    redraw = in_clone("plot", "results/run_quick_cpu.csv")
+    assert redraw.returncode == 0, redraw.stderr
+    assert "is a committed result: writing into results/local/" in redraw.stdout
+    assert all(p.exists() for p in made[1:])
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in committed] == before
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                            text=True, check=True).stdout
+    assert status == "", status
 
+
+
+BAD_INPUTS = [  # issue 22: each a one-line error, exit 2, nothing written
+    ("zoo", "--models", "nosuchnet"),
+    ("zoo", "--out", "afile"),
+    ("inspect", "--match", "(["),
+    ("comm", "--channels", "-5"),
+    ("comm", "--channels", "0"),
+    ("gpu-day", "--workers", "0"),
+    ("gpu-day", "--workers", "-4"),
+    ("gpu-day", "--dry-run", "--budget", "inf"),
+    ("run", "--rep-ms", "inf"),
+    ("run", "--warmup-ms", "nan"),
+    ("run", "--name", "../x"),
+    ("run", "--cpu-threads", "0"),
+    ("traffic", "--out", "afile"),
+    ("train", "--epochs", "0"),
+]
+
+
+@pytest.mark.parametrize("args", BAD_INPUTS, ids=" ".join)
+def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args):
+    (tmp_path / "afile").write_text("mine\n")
+    out = bnbench(*args, cwd=tmp_path)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "mine\n"

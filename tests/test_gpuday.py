@@ -89,7 +89,21 @@ def test_dry_run_prints_the_plan_and_fits(tmp_path):
     assert "train_fwd_bwd bfloat16 nhwc N=256,32 x 12 resnet50 shapes" in text
     estimate = float(text.split("estimated ")[1].split(" s")[0])
     assert estimate <= 480
-    assert (tmp_path / "gpu_day_plan.txt").read_text().strip() == text.strip()
+    plan_text, wrote = text.strip().rsplit("\n", 1)
+    assert wrote == f"wrote {tmp_path / 'gpu_day_plan.txt'}"
+    assert (tmp_path / "gpu_day_plan.txt").read_text().strip() == plan_text.strip()
+
+
+def test_a_dry_run_without_out_writes_nothing(tmp_path):
+    """Issue 23: `bnbench gpu-day --dry-run` prints its plan and writes no file (results/gpu_day
+    is made only by a real run or an explicit --out)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-m", "bnbench.cli", "gpu-day", "--dry-run"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cost model (s):" in out.stdout and "wrote" not in out.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_without_gpu_and_without_dry_run_exits_2(tmp_path):

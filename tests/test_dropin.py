@@ -386,6 +386,29 @@ def test_convert_keeps_hooks_sharing_and_the_module_family():
     assert again[0].weight is shared.weight
 
 
+def test_convert_keeps_a_full_backward_hook_firing_as_torch_does(device):
+    """register_full_backward_hook (and its pre-hook) still fire after conversion, with the
+    gradients torch's module gives them."""
+    def hooked():
+        bn = nn.BatchNorm2d(3).to(device)
+        seen = []
+        bn.register_full_backward_pre_hook(lambda m, go: seen.append(("pre", go[0])))
+        bn.register_full_backward_hook(lambda m, gi, go: seen.append(("full", gi[0], go[0])))
+        return bn, seen
+
+    ref, ref_seen = hooked()
+    bn, seen = hooked()
+    converted = kernels.convert_batchnorm(nn.Sequential(bn))[0]
+    assert type(converted) is kernels.BatchNorm2d
+    x = torch.randn(2, 3, 5, 3, device=device)
+    dy = torch.randn_like(x)
+    for module in (ref, converted):
+        module(x.clone().requires_grad_()).backward(dy)
+    assert [s[0] for s in seen] == [s[0] for s in ref_seen] == ["pre", "full"]
+    assert_close(seen[1][1], ref_seen[1][1].double(), torch.float32, "grad_input the hook saw")
+    assert torch.equal(seen[1][2], dy) and torch.equal(seen[0][1], dy)
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. argument checks: torch's exception types, nothing changed
 

@@ -191,6 +191,9 @@ def _carry_over(old, new):
     for name in _HOOK_DICTS:
         if name in vars(old):
             setattr(new, name, getattr(old, name))
+    # a full backward hook is told apart from a legacy one by this flag (None in a fresh
+    # module): without it, _backward_hooks would be carried but never called
+    new._is_full_backward_hook = old._is_full_backward_hook
     for name, value in vars(old).items():  # user attributes (qconfig, tags, ...)
         if name not in vars(new):
             setattr(new, name, value)

@@ -36,6 +36,7 @@ graph holds a standard ``BatchNormalization`` and the TorchScript graph ``aten::
 """
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -365,12 +366,17 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
         raise NotImplementedError(
             f'"batch_norm" not implemented for {input.dtype}: expected float16, bfloat16, '
             f'float32 or float64 input')
-    if momentum is None or not isinstance(momentum, (int, float)):
+    if not isinstance(training, bool):  # torch's argument parser: a Python bool only
+        raise TypeError(f"batch_norm(): argument 'training' must be bool, not "
+                        f"{type(training).__name__}")
+    if not _is_float_argument(momentum):
         raise TypeError(
-            f"batch_norm(): momentum must be a float, got {momentum!r} (momentum=None, the "
-            f"cumulative average, needs a module's num_batches_tracked)")
+            f"batch_norm(): momentum must be a float (or a 0-d tensor), got {momentum!r} "
+            f"(momentum=None, the cumulative average, needs a module's num_batches_tracked)")
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training and local_batch and input.shape[0] * math.prod(input.shape[2:]) == 1:
         raise ValueError(
             f"Expected more than 1value per channel when training, got input size {input.size()}"
@@ -391,6 +397,14 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
             raise RuntimeError(
                 f"residual must have the input's dtype and device ({input.dtype}, "
                 f"{input.device}), got ({residual.dtype}, {residual.device})")
+
+
+def _is_float_argument(v):
+    """What torch's argument parser takes for a float: a real number or a 0-d real tensor
+    that needs no gradient."""
+    if isinstance(v, Tensor):
+        return (v.dim() == 0 and not v.requires_grad and not v.is_complex())
+    return isinstance(v, numbers.Real)
 
 
 def _check_params(x, running_mean, running_var, weight, bias):

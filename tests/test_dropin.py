@@ -394,6 +394,29 @@ def test_convert_keeps_hooks_sharing_and_the_module_family():
     assert again[0].weight is shared.weight
 
 
+def test_convert_keeps_a_full_backward_hook_firing_as_torch_does(device):
+    """register_full_backward_hook (and its pre-hook) still fire after conversion, with the
+    gradients torch's module gives them."""
+    def hooked():
+        bn = nn.BatchNorm2d(3).to(device)
+        seen = []
+        bn.register_full_backward_pre_hook(lambda m, go: seen.append(("pre", go[0])))
+        bn.register_full_backward_hook(lambda m, gi, go: seen.append(("full", gi[0], go[0])))
+        return bn, seen
+
+    ref, ref_seen = hooked()
+    bn, seen = hooked()
+    converted = kernels.convert_batchnorm(nn.Sequential(bn))[0]
+    assert type(converted) is kernels.BatchNorm2d
+    x = torch.randn(2, 3, 5, 3, device=device)
+    dy = torch.randn_like(x)
+    for module in (ref, converted):
+        module(x.clone().requires_grad_()).backward(dy)
+    assert [s[0] for s in seen] == [s[0] for s in ref_seen] == ["pre", "full"]
+    assert_close(seen[1][1], ref_seen[1][1].double(), torch.float32, "grad_input the hook saw")
+    assert torch.equal(seen[1][2], dy) and torch.equal(seen[0][1], dy)
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. argument checks: torch's exception types, nothing changed
 
@@ -404,6 +427,11 @@ def _bad_calls():
     return {  # name: (call(bn), args for F.batch_norm and kernels.batch_norm)
         "eps-zero-train": (x, rm, rv, None, None, True, 0.1, 0.0),
         "eps-negative-train": (x, rm, rv, None, None, True, 0.1, -1e-5),
+        "eps-negative-eval": (x, rm, rv, None, None, False, 0.1, -1e-5),
+        "training-none": (x, rm, rv, None, None, None, 0.1, 1e-5),
+        "training-int": (x, rm, rv, None, None, 1, 0.1, 1e-5),
+        "momentum-1d-tensor": (x, rm, rv, None, None, True, torch.tensor([0.3]), 1e-5),
+        "momentum-none": (x, rm, rv, None, None, True, None, 1e-5),
         "1d-input": (torch.randn(5), None, None, None, None, True, 0.1, 1e-5),
         "0d-input": (torch.tensor(1.0), None, None, None, None, True, 0.1, 1e-5),
         "mean-without-var-train": (x, rm, None, None, None, True, 0.1, 1e-5),
@@ -438,6 +466,19 @@ def test_bad_arguments_raise_torch_exception_type(name):
     assert len(str(ours.value)) > 20, "a message that says what is wrong"
     after = [t for t in args[1:5] if t is not None]
     assert all(torch.equal(a, b) for a, b in zip(state, after)), "a refused call changed state"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_0d_tensor_momentum_and_eps_are_taken_as_torch_takes_them(training, device):
+    x = torch.randn(3, 5, 4, 3, device=device)
+    rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+    ref_rm, ref_rv = f64(rm), f64(rv)
+    momentum, eps = torch.tensor(0.3), torch.tensor(1e-3, dtype=torch.float64)
+    y = kernels.batch_norm(x, rm, rv, None, None, training, momentum, eps)
+    y_ref = F.batch_norm(f64(x), ref_rm, ref_rv, None, None, training, momentum, eps)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(rm, ref_rm, torch.float32, "running_mean")
+    assert_close(rv, ref_rv, torch.float32, "running_var")
 
 
 @pytest.mark.quick

@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._fold_maths import fold_weights
 from ._kinds import fold_rank, kind_of
+from .fold_export import fold_exported_program
 from .modules import BatchNorm2d
 from .ops import ACTIVATIONS, batch_norm
 
@@ -542,8 +543,12 @@ def fold_batchnorm(model, inplace=False):
     other module keeps its name and ``state_dict`` key); the BN and its
     ``state_dict`` entries are gone.
 
+    An ``ExportedProgram`` is folded by :func:`kernels.fold_export.fold_exported_program`
+    (a new program, its BatchNorm nodes after a conv, transposed conv or linear gone).
+
     Args:
-        model: an ``nn.Module``; not modified unless ``inplace``.
+        model: an ``nn.Module`` (not modified unless ``inplace``) or an ``ExportedProgram``
+            (never modified; `inplace` is ignored).
         inplace: fold `model` itself instead of a deep copy.
 
     Returns:
@@ -552,6 +557,8 @@ def fold_batchnorm(model, inplace=False):
         which were kept and why; the summary is also logged at INFO level.
         Folding a folded model again changes nothing.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        return fold_exported_program(model)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()

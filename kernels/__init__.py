@@ -10,6 +10,8 @@ Public API:
     convert_batchnorm(module, **kwargs): the returned module's conversion_report says
         what was converted and what was kept, with the reason
     fold_conv_bn(conv, bn), fold_batchnorm(model, inplace=False), BatchNormInference
+    fold_batchnorm(exported_program) / fold_exported_program(_report): a torch.export program
+        with its BatchNorm nodes folded into the conv / linear weights
     set_autotune(enabled): try num_warps 4/8/16 per shape (also BNBENCH_AUTOTUNE=1)
     set_interpreter_plans(fast): few programs and large tiles for interpreted (CPU) launches
     planning(policy=None, **overrides): a context with a PlanPolicy (GPU_PLANS,
@@ -25,6 +27,7 @@ before triton is imported; otherwise CPU tensors use PyTorch's own batch norm.
 
 from ._common import Epilogue
 from .fold import BatchNormInference, FoldRecord, FoldReport, fold_batchnorm, fold_conv_bn
+from .fold_export import ExportFoldRecord, fold_exported_program, fold_exported_program_report
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ConversionRecord, ConversionReport,
                       convert_batchnorm)
 from ._plan import (FAST_INTERPRETER_PLANS, GPU_PLANS, PlanPolicy, planning,
@@ -38,4 +41,5 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "sync_b
            "ConversionReport", "batch_norm", "convert_batchnorm", "uses_triton", "INTERPRETED",
            "set_autotune", "set_interpreter_plans", "BatchNormInference", "FoldRecord",
            "planning", "PlanPolicy", "GPU_PLANS", "FAST_INTERPRETER_PLANS",
-           "FoldReport", "fold_batchnorm", "fold_conv_bn"]
+           "FoldReport", "fold_batchnorm", "fold_conv_bn", "ExportFoldRecord",
+           "fold_exported_program", "fold_exported_program_report"]

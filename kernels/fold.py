@@ -47,22 +47,24 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._fold_maths import fold_weights
+from ._kinds import fold_rank, kind_of
+from .fold_export import fold_exported_program
 from .modules import BatchNorm2d
 from .ops import ACTIVATIONS, batch_norm
 
 log = logging.getLogger(__name__)
 
-# The modules a BN can be folded into, with the rank of BatchNorm that follows them
-# (1 for BatchNorm1d, ...).  Exact types only: a subclass (QAT, parametrized, a
-# user's own) may compute something else from its weight.
-_CONV_RANK = {
-    nn.Linear: 1, nn.Conv1d: 1, nn.ConvTranspose1d: 1,
-    nn.Conv2d: 2, nn.ConvTranspose2d: 2,
-    nn.Conv3d: 3, nn.ConvTranspose3d: 3,
-}
-# The BatchNorms that can be folded, with their rank (None: any rank).
-_BN_RANK = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: None,
-            BatchNorm2d: 2}
+# What folds into what: kernels._kinds (the one table of BatchNorm kinds, and of the layers
+# a BN folds into, exact classes).  The zoo kinds are recognised by kernels.zoo (a subclass
+# that keeps the known forward is one too); here torch's and the library's own kinds.
+_FOLDABLE_ORIGINS = ("torch", "kernels")
+
+
+def _table_kind(bn):
+    """bn's entry in the table of kinds when it is torch's or the library's BN, else None."""
+    k = kind_of(bn)
+    return k if k is not None and k.origin in _FOLDABLE_ORIGINS and not k.frozen else None
 
 
 def _zoo(bn):
@@ -74,12 +76,12 @@ def _zoo(bn):
 
 def _foldable_type(bn):
     """A BN class fold_conv_bn takes: torch's, the project's, or a recognised zoo one."""
-    return type(bn) in _BN_RANK or _zoo(bn) is not None
+    return _table_kind(bn) is not None or _zoo(bn) is not None
 
 
 def _bn_rank(bn):
     zb = _zoo(bn)
-    return zb.rank if zb is not None else _BN_RANK[type(bn)]
+    return zb.rank if zb is not None else _table_kind(bn).rank
 
 
 def _num_features(bn):
@@ -95,11 +97,6 @@ def _is_frozen(bn):
 
 def _out_features(conv):
     return conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-
-
-def _fold_dtype(device):
-    """float64 for the fold arithmetic, float32 where the device has no float64 (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _check_bn(bn):
@@ -157,16 +154,17 @@ def fold_conv_bn(conv, bn):
         ValueError: ``bn`` is in training mode, has no running statistics, has
             a fused activation, or has a channel count other than the conv's.
     """
-    if type(conv) not in _CONV_RANK:
-        raise TypeError(f"fold_conv_bn: expected a torch Conv1d/2d/3d, ConvTranspose1d/2d/3d or "
-                        f"Linear (exact class: a subclass may compute otherwise), got "
+    if fold_rank(conv) is None:
+        raise TypeError(f"fold_conv_bn: expected a torch Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
+                        f"Linear or timm's Conv2dSame (exact class: a subclass may compute "
+                        f"otherwise), got "
                         f"{type(conv).__name__}")
     _check_bn(bn)
     C = _out_features(conv)
     if _num_features(bn) != C:
         raise ValueError(f"fold_conv_bn: the BatchNorm has {_num_features(bn)} channels but the "
                          f"{type(conv).__name__} has {C} output channels")
-    if _bn_rank(bn) not in (None, _CONV_RANK[type(conv)]):
+    if _bn_rank(bn) not in (None, fold_rank(conv)):
         raise ValueError(f"fold_conv_bn: a {type(conv).__name__} does not feed a "
                          f"{type(bn).__name__} (it takes {_bn_rank(bn) + 2}-D input)")
     folded = _fold_pair(conv, bn)
@@ -182,32 +180,14 @@ def fold_conv_bn(conv, bn):
 
 def _fold_pair(conv, bn):
     """The folded copy of `conv` (checks done by the caller)."""
-    C = _out_features(conv)
-    w = conv.weight.detach()
-    acc = _fold_dtype(w.device)
-    with torch.no_grad():
-        def f(t):  # a statistic or BN parameter, on the conv's device, in the fold dtype
-            return t.detach().to(device=w.device, dtype=acc)
-
-        scale = torch.rsqrt(f(bn.running_var) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * f(bn.weight)
-        bias = f(conv.bias) if conv.bias is not None else torch.zeros(C, dtype=acc, device=w.device)
-        bias = (bias - f(bn.running_mean)) * scale
-        if bn.bias is not None:
-            bias = bias + f(bn.bias)
-        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-            # weight (in, out/groups, *k): output channel g*out/groups + j is column j of group g
-            g = conv.groups
-            grouped = w.to(acc).reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
-            scale_view = scale.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
-            weight = (grouped * scale_view).reshape(w.shape)
-        else:  # weight (out, in/groups, *k) or (out, in): output channel c is row c
-            weight = w.to(acc) * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    weight, bias = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                bn.weight, bn.bias, bn.eps, transposed=transposed,
+                                groups=getattr(conv, "groups", 1))
     folded = copy.deepcopy(conv)
     bias_grad = conv.bias.requires_grad if conv.bias is not None else conv.weight.requires_grad
-    folded.weight = nn.Parameter(weight.to(w.dtype), requires_grad=conv.weight.requires_grad)
-    folded.bias = nn.Parameter(bias.to(w.dtype), requires_grad=bias_grad)
+    folded.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    folded.bias = nn.Parameter(bias, requires_grad=bias_grad)
     return folded
 
 
@@ -397,12 +377,12 @@ def _unfoldable_bn(bn):
 
 def _conv_fits(conv, bn):
     """Why `conv` cannot take `bn` (a reason), or "" when the pair folds exactly."""
-    if type(conv) not in _CONV_RANK:
+    if fold_rank(conv) is None:
         return f"its input comes from a {type(conv).__name__}, not a torch conv or Linear"
     if _has_hooks(conv):
         return "the conv has hooks, which would see folded values"
     rank = _bn_rank(bn)
-    if rank is not None and rank != _CONV_RANK[type(conv)]:
+    if rank is not None and rank != fold_rank(conv):
         return f"a {type(conv).__name__} does not feed a {type(bn).__name__}"
     if _out_features(conv) != _num_features(bn):
         return f"the conv has {_out_features(conv)} output channels, the BN {_num_features(bn)}"
@@ -563,8 +543,12 @@ def fold_batchnorm(model, inplace=False):
     other module keeps its name and ``state_dict`` key); the BN and its
     ``state_dict`` entries are gone.
 
+    An ``ExportedProgram`` is folded by :func:`kernels.fold_export.fold_exported_program`
+    (a new program, its BatchNorm nodes after a conv, transposed conv or linear gone).
+
     Args:
-        model: an ``nn.Module``; not modified unless ``inplace``.
+        model: an ``nn.Module`` (not modified unless ``inplace``) or an ``ExportedProgram``
+            (never modified; `inplace` is ignored).
         inplace: fold `model` itself instead of a deep copy.
 
     Returns:
@@ -573,13 +557,15 @@ def fold_batchnorm(model, inplace=False):
         which were kept and why; the summary is also logged at INFO level.
         Folding a folded model again changes nothing.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        return fold_exported_program(model)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     from .zoo import drop_act, looks_like_batchnorm, zoo_inference_module
 
     bns = [m for m in dict.fromkeys(model.modules())
-           if m is not model and (type(m) in _BN_RANK or looks_like_batchnorm(m))]
+           if m is not model and (_table_kind(m) is not None or looks_like_batchnorm(m))]
     # a BN-like module inside another one (a zoo module's act) is its parent's business
     inner = {c for m in bns for c in m.modules() if c is not m}
     bns = [m for m in bns if m not in inner]

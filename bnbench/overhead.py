@@ -435,7 +435,7 @@ def _shape(text):
 
 def add_parser(subparsers):
     from .arguments import positive
-    from .environment import _positive_int
+    from .arguments import positive_int as _positive_int
 
     p = subparsers.add_parser(
         "overhead", help="host microseconds per call of each way to call the kernels, beside "

@@ -67,10 +67,13 @@ def _bytes(kind, numel, size, world):
 
 def measure(channels=CHANNELS, shape=(4, 7, 7)):
     """{(stats, phase): [(kind, numel, element size), ...]} for kernels.SyncBatchNorm."""
+    from unittest import mock
+
     import torch
     import torch.distributed as dist
 
     import kernels
+    import kernels.sync
 
     from .registry import one_rank_group
 
@@ -82,7 +85,10 @@ def measure(channels=CHANNELS, shape=(4, 7, 7)):
             bn._group = lambda: group  # noqa: E731 - one rank, but take the synchronised path
             x = torch.randn(shape[0], channels, *shape[1:], device=device, requires_grad=True)
             calls, restore = _record(dist)
+            # a group of one is the single-process op: make it take the synchronised path
+            one_rank = mock.patch.object(kernels.sync, "_synchronises", lambda group: True)
             try:
+                one_rank.start()
                 bn(x).sum().backward()  # first call: the group check
                 out[(stats, "first call")] = list(calls)
                 calls.clear()
@@ -92,6 +98,7 @@ def measure(channels=CHANNELS, shape=(4, 7, 7)):
                 y.sum().backward()
                 out[(stats, "backward")] = list(calls)
             finally:
+                one_rank.stop()
                 restore()
     return out
 

@@ -146,6 +146,9 @@ def traffic_table(shapes=SCALED_SHAPES, dtypes=("float32",), layouts=("nchw", "n
     if progress:
         from tqdm import tqdm
 
+        from kernels._triton_internals import COUNTING, require
+
+        require(COUNTING)  # fail in one line before the bar draws itself
         points = tqdm(points, desc="bnbench traffic", unit="variant", file=sys.stderr)
     return [measure(v, shape) for v, shape in points]
 

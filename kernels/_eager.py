@@ -10,16 +10,23 @@ that torch.func accepts, the higher-order formulas).  It takes this route instea
   form a key; the first call with a key runs ``check_batch_norm_args`` (raising exactly
   what the full route raises) and keeps what it decided (:class:`Prepared`); later calls
   with that key look it up;
-* the host functions (``bn_forward_train``, ``bn_forward_eval``, ``bn_backward``) are
-  called directly, not through the dispatcher; their layouts and launch plans are cached
-  per (shape, strides) in kernels._layout / kernels._plan;
+* the host work of the forward (layout, plan, strides, the launches' arguments and
+  constexprs, how the output is allocated) is also done once per signature: the Prepared
+  keeps a recipe (``kernels.forward.eval_recipe`` / ``train_recipe``), a function that
+  allocates the outputs and makes the launches, nothing else; the backward keeps one per
+  gradient signature (dy's sizes, strides and dtype, the gradients needed:
+  ``kernels.backward.backward_recipe``).  Where there is no recipe (an operand copied to
+  the path's layout, an empty batch, autotuning on) the host functions
+  (``bn_forward_train``, ``bn_forward_eval``, ``bn_backward``) are called directly, not
+  through the dispatcher;
 * when a gradient is needed, one autograd node per call: :class:`_EagerFunction`, an
-  ``autograd.Function`` in the old style (``forward(ctx, ...)``), which ``apply`` calls
-  without binding a signature; its backward is the Triton backward, or the torch-op
-  formulas of the full route when a graph of the backward is being built (double
-  backward); without a gradient, no node at all.
+  ``autograd.Function`` in the old style (``forward(ctx, ...)``), applied through the C
+  ``apply`` (no signature binding, dead functorch wrappers unwrapped for the four tensor
+  arguments only); its backward is the Triton backward, or the torch-op formulas of the
+  full route when a graph of the backward is being built (double backward); without a
+  gradient, no node at all.
 
-The route gives the same results as the full one (the same host functions and kernels;
+The route gives the same results as the full one (the same kernels and launch arguments;
 ``tests/test_eager.py`` compares them bit for bit) and the same errors.  It allocates only
 outputs, saved statistics and the kernels' partial buffers, and reads nothing back to the
 host, so a step made of such calls can be captured in a CUDA graph after a warm-up call.
@@ -31,16 +38,19 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import _plan
+from . import _plan, _tuning
 from . import forward as _fwd
 from ._common import Epilogue
-from .backward import bn_backward
-from .forward import acc_dtype, bn_forward_eval, bn_forward_train
+from .backward import backward_recipe, bn_backward
+from .forward import acc_dtype, bn_forward_eval, bn_forward_train, eval_recipe, train_recipe
 
 INTERPRETED = type(_fwd._bn_fwd_apply_kernel).__name__ == "InterpretedFunction"
 
 PREPARED_CACHE_SIZE = 4096  # call signatures kept; the cache is emptied when it is full
+BACKWARD_CACHE_SIZE = 64  # gradient signatures kept per call signature (the same rule)
 _prepared = {}
+_MISSING = object()
+_no_context = contextlib.nullcontext()  # reusable: it holds no state
 _enabled = [True]  # full_route() clears it within its block
 _forward_ad = torch.autograd.forward_ad
 _profiling = torch._C._autograd._profiler_enabled
@@ -75,22 +85,28 @@ def _meta(t):
 
 class Prepared:
     """What the checks decided for one call signature.  `route`: "triton", or "torch" (the
-    CPU fallback without the interpreter)."""
+    CPU fallback without the interpreter); `run`: the forward's recipe
+    (kernels.forward.eval_recipe / train_recipe: its plan and launch arguments), or None
+    where the host functions do the work per call."""
 
-    __slots__ = ("route", "training", "stats", "epilogue", "activation", "copies")
+    __slots__ = ("route", "training", "stats", "epilogue", "activation", "copies", "run",
+                 "policy", "backward")
 
-    def __init__(self, route, training, stats, epilogue, activation, copies):
+    def __init__(self, route, training, stats, epilogue, activation, copies, run, policy):
         self.route, self.training, self.stats = route, training, stats
-        self.epilogue, self.activation, self.copies = epilogue, activation, copies
+        self.epilogue, self.activation, self.copies, self.run = epilogue, activation, copies, run
+        self.policy = policy  # the plans' (kernels._plan.current_policy() at the first call)
+        self.backward = {}  # (dy's sizes, strides, dtype, needed grads) -> backward_recipe
 
 
 def prepare(check, input, running_mean, running_var, weight, bias, training, momentum, eps,
             stats, residual, activation, num_batches_tracked):
     """The Prepared of this call's signature, checking the arguments the first time (with
     `check`, kernels.ops.check_batch_norm_args, which raises what torch would)."""
+    policy = _plan.current_policy()
     key = (_meta(input), training, type(momentum), eps, stats, activation,
            _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias),
-           _meta(residual), num_batches_tracked is None, _plan._context_policy.get())
+           _meta(residual), num_batches_tracked is None, policy, _tuning._enabled)
     found = _prepared.get(key)
     if found is not None:
         return found
@@ -98,8 +114,14 @@ def prepare(check, input, running_mean, running_var, weight, bias, training, mom
           activation, eps)
     per_channel = (running_mean, running_var, weight, bias)
     copies = any(t is not None and not t.is_contiguous() for t in per_channel)
-    found = Prepared("triton" if uses_triton(input) else "torch", bool(training), stats,
-                     Epilogue.of(residual is not None, activation), activation, copies)
+    route = "triton" if uses_triton(input) else "torch"
+    epilogue = Epilogue.of(residual is not None, activation)
+    run = None
+    if route == "triton" and not copies:
+        run = (train_recipe(input, weight, bias, running_mean, eps, stats, residual, epilogue,
+                            num_batches_tracked is not None) if training
+               else eval_recipe(input, weight, bias, eps, residual, epilogue))
+    found = Prepared(route, bool(training), stats, epilogue, activation, copies, run, policy)
     if len(_prepared) >= PREPARED_CACHE_SIZE:
         _prepared.clear()
     _prepared[key] = found
@@ -142,8 +164,16 @@ def _call(prepared, input, running_mean, running_var, weight, bias, momentum, ep
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
-        return _EagerFunction.apply(input, weight, bias, residual, (
+        return _apply(_unwrap(input), weight if weight is None else _unwrap(weight),
+                      bias if bias is None else _unwrap(bias),
+                      residual if residual is None else _unwrap(residual), (
             prepared, running_mean, running_var, num_batches_tracked, momentum, eps))
+    run = prepared.run
+    if run is not None:
+        if prepared.training:
+            return run(input, weight, bias, running_mean, running_var, residual,
+                       num_batches_tracked, momentum)[0]
+        return run(input, weight, bias, running_mean, running_var, residual)
     if prepared.training:
         return bn_forward_train(input, weight, bias, running_mean, running_var, momentum, eps,
                                 prepared.stats, residual, prepared.epilogue,
@@ -163,8 +193,14 @@ class _EagerFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, state):
         # the rest in one argument: apply's per-argument work is for the differentiable ones
         prepared, running_mean, running_var, num_batches_tracked, momentum, eps = state
-        epilogue = prepared.epilogue
-        if prepared.training:
+        epilogue, run = prepared.epilogue, prepared.run
+        if run is not None and prepared.training:
+            y, mean, rstd = run(x, weight, bias, running_mean, running_var, residual,
+                                num_batches_tracked, momentum)
+        elif run is not None:
+            y = run(x, weight, bias, running_mean, running_var, residual)
+            mean, rstd = running_mean, running_var
+        elif prepared.training:
             y, mean, rstd = bn_forward_train(x, weight, bias, running_mean, running_var,
                                              momentum, eps, prepared.stats, residual, epilogue,
                                              num_batches_tracked)
@@ -174,7 +210,7 @@ class _EagerFunction(torch.autograd.Function):
             mean, rstd = running_mean, running_var
         ctx.save_for_backward(x, y if epilogue.reads_output else None, weight, bias, residual,
                               mean, rstd)
-        ctx.prepared, ctx.eps, ctx.policy = prepared, eps, _plan._context_policy.get()
+        ctx.prepared, ctx.eps = prepared, eps
         return y
 
     @staticmethod
@@ -192,14 +228,35 @@ class _EagerFunction(torch.autograd.Function):
             dx, dw, db, dres = _composite_grads(dy, x, weight, bias, residual, mean, rstd,
                                                 training, ctx.eps, epilogue)
         else:
-            policy = ctx.policy
-            with (contextlib.nullcontext() if policy is None else _plan.planning(policy)), \
-                 (torch.profiler.record_function("bnbench::batch_norm_backward")
-                  if _profiling() else contextlib.nullcontext()):
-                dx, dw, db, dres = bn_backward(
-                    dy, x, y, weight, bias, mean, rstd, training=training, epilogue=epilogue,
-                    residual=residual if epilogue.reads_residual else None,
-                    need_dx=need[0], need_dweight=need[1], need_dbias=need[2],
-                    need_dresidual=need[3])
+            key = (dy.shape, dy.stride(), dy.dtype, need)
+            run = prepared.backward.get(key, _MISSING)
+            if run is _MISSING:
+                with _plan.planning(prepared.policy):
+                    run = backward_recipe(
+                        dy, x, y, weight, bias, training=training, epilogue=epilogue,
+                        residual=residual, need_dx=need[0], need_dweight=need[1],
+                        need_dbias=need[2], need_dresidual=need[3])
+                if len(prepared.backward) >= BACKWARD_CACHE_SIZE:
+                    prepared.backward.clear()
+                prepared.backward[key] = run
+            with (torch.profiler.record_function("bnbench::batch_norm_backward")
+                  if _profiling() else _no_context):
+                if run is not None:
+                    dx, dw, db, dres = run(dy, x, y, weight, bias, mean, rstd, residual)
+                else:
+                    with _plan.planning(prepared.policy):
+                        dx, dw, db, dres = bn_backward(
+                            dy, x, y, weight, bias, mean, rstd, training=training,
+                            epilogue=epilogue,
+                            residual=residual if epilogue.reads_residual else None,
+                            need_dx=need[0], need_dweight=need[1], need_dbias=need[2],
+                            need_dresidual=need[3])
         return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
                 dres if need[3] else None, None)
+
+
+# Function.apply without what the lean route does not need: no functorch transform is active
+# (lean() checked), so its unwrap of dead functorch wrappers (a tensor that escaped a
+# transform) is done for the four tensor arguments only, and straight to the C apply
+_apply = super(torch.autograd.Function, _EagerFunction).apply
+_unwrap = torch._C._functorch.unwrap_if_dead

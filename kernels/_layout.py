@@ -150,7 +150,15 @@ def empty_for(shape, channels_last, dtype, device):
 def empty_output(x):
     """The output for input `x`: x's own strides when x is dense and read in place
     (so the memory format is kept), else the path's native layout."""
+    return output_maker(x)(x)
+
+
+def output_maker(x):
+    """A function `new(t)` that returns what ``empty_output(t)`` returns for any tensor `t`
+    with x's sizes, strides, dtype and device, without looking at the layout again (the lean
+    eager route keeps one per call signature)."""
     facts = layout(x)
     if facts.in_place and facts.dense:
-        return torch.empty_like(x)
-    return empty_for(x.shape, facts.channels_last, x.dtype, x.device)
+        return torch.empty_like
+    shape, channels_last, dtype, device = x.shape, facts.channels_last, x.dtype, x.device
+    return lambda _: empty_for(shape, channels_last, dtype, device)

@@ -40,9 +40,9 @@ from ._common import (
     ACT_NONE, ACT_RELU, Epilogue, _activation_grad, _bcast, _channels, _load_channel,
     _merge_sums, _offsets, _per_channel, _tile,
 )
-from ._layout import choose_layout, empty_output, strides, to_layout
+from ._layout import choose_layout, empty_output, fits, layout_of, output_maker, strides, to_layout
 from ._plan import plan
-from ._tuning import launcher
+from ._tuning import autotune_enabled, launcher
 from .forward import STATIC_CACHE_SIZE, acc_dtype, tl_acc
 
 
@@ -382,3 +382,81 @@ def _backward_static(p, x_strides, dy_strides, y_strides, r_strides, dx_strides,
                   CHANNELS_LAST=channels_last, BLOCK_ROW=p.BLOCK_ROW, BLOCK_COL=p.BLOCK_COL)
     return ((*x_strides, *dy_strides, *y_strides, *r_strides), (*dx_strides, *dres_strides),
             common)
+
+
+def backward_recipe(dy, x, y, weight, bias, *, training, epilogue, residual, need_dx,
+                    need_dweight, need_dbias, need_dresidual):
+    """What :func:`bn_backward` does (without `sums_hook`) for every call whose tensors have
+    these tensors' sizes, strides, dtypes and devices and that needs these gradients, as a
+    function ``run(dy, x, y, weight, bias, mean, rstd, residual) -> (dx, dweight, dbias,
+    dresidual)``: plan and launch arguments worked out here, once (the lean eager route
+    keeps one per forward signature and gradient signature).  None where such a call is
+    empty, copies an operand to x's path, or is autotuned (bn_backward does the work)."""
+    if x.numel() == 0 or autotune_enabled():
+        return None
+    in_place, channels_last = layout_of(x)
+    y = y if epilogue.reads_output else None
+    r = residual if epilogue.reads_residual else None
+    if not in_place or any(t is not None and not fits(t, channels_last) for t in (dy, y, r)):
+        return None
+    C, device, acc = x.shape[1], x.device, acc_dtype(x.dtype)
+    new_output = output_maker(x)
+    write_dres = epilogue.residual and need_dresidual
+    need_dweight = need_dweight and weight is not None
+    need_dbias = need_dbias and bias is not None
+    need_sums = training or need_dweight or need_dbias
+    p = plan(x, channels_last)
+    out = new_output(x)
+    in_strides, out_strides, common = _backward_static(
+        p, strides(x, channels_last), strides(dy, channels_last),
+        strides(y, channels_last) if y is not None else (0, 0),
+        strides(r, channels_last) if r is not None else (0, 0),
+        strides(out, channels_last) if need_dx else (0, 0),
+        strides(out, channels_last) if write_dres else (0, 0),
+        weight is not None, bias is not None, epilogue, x.dtype, channels_last)
+    writes = dict(TRAINING=training, WRITE_DX=need_dx, WRITE_DRES=write_dres,
+                  WRITE_DW=need_dweight, WRITE_DB=need_dbias)
+    sizes = (C, p.n_rows, p.n_cols)
+
+    def outputs(x, weight, bias):
+        return (new_output(x) if need_dx else None, new_output(x) if write_dres else None,
+                torch.empty_like(weight) if need_dweight else None,
+                torch.empty_like(bias) if need_dbias else None)
+
+    if p.single_launch:
+        kernel, opts = launcher(_bn_bwd_single_launch_kernel, p.num_warps)
+        grid, tail, kwargs = p.grid, (float(p.count), *in_strides, *out_strides), \
+            {**writes, **common, **opts}
+
+        def run(dy, x, y, weight, bias, mean, rstd, residual):
+            dx, dres, dw, db = outputs(x, weight, bias)
+            kernel[grid](x, dy, y if epilogue.reads_output else None,
+                         residual if epilogue.reads_residual else None, dx, dres, weight,
+                         bias, mean, rstd, dw, db, *sizes, *tail, **kwargs)
+            return dx, dw, db, dres
+        return run
+    reduce_kernel, reduce_opts = launcher(_bn_bwd_reduce_kernel, p.num_warps)
+    reduce_tail = (p.n_col_blocks, p.tiles, p.tiles_per_prog, *in_strides)
+    reduce_kwargs = {**common, **reduce_opts}
+    dx_kernel, dx_opts = launcher(_bn_bwd_dx_kernel, p.num_warps)
+    dx_grid = p.grid if (need_dx or write_dres) else (p.groups, 1)
+    dx_tail = (p.n_col_blocks, p.tiles, p.tiles_per_prog, p.split, float(p.count),
+               *in_strides, *out_strides)
+    dx_kwargs = {**writes, "NEED_SUMS": need_sums, "BLOCK_SPLIT": p.BLOCK_SPLIT, **common,
+                 **dx_opts}
+    grid = p.grid
+
+    def run(dy, x, y, weight, bias, mean, rstd, residual):
+        dx, dres, dw, db = outputs(x, weight, bias)
+        y = y if epilogue.reads_output else None
+        r = residual if epilogue.reads_residual else None
+        part_g = part_gx = None
+        if need_sums:
+            part_g, part_gx = torch.empty((2, p.split, C), dtype=acc, device=device).unbind()
+            reduce_kernel[grid](x, dy, y, r, weight, bias, mean, rstd, part_g, part_gx,
+                                *sizes, *reduce_tail, **reduce_kwargs)
+        if need_sums or need_dx or write_dres:
+            dx_kernel[dx_grid](x, dy, y, r, dx, dres, weight, bias, mean, rstd, part_g,
+                               part_gx, dw, db, *sizes, *dx_tail, **dx_kwargs)
+        return dx, dw, db, dres
+    return run

@@ -53,9 +53,9 @@ from ._common import (
     Epilogue, _activate, _bcast, _chan_combine, _channels, _inv_std, _load_channel, _merge_sums,
     _merge_welford, _offsets, _per_channel, _per_channel_zero, _pivot, _tile,
 )
-from ._layout import choose_layout, empty_output, strides, to_layout
+from ._layout import choose_layout, empty_output, fits, layout_of, output_maker, strides, to_layout
 from ._plan import plan
-from ._tuning import launcher
+from ._tuning import autotune_enabled, launcher
 
 # Values of the stats kernel's STATS constexpr: the partials one read of x makes.  Kernel
 # bodies compare with these names; host code passes their .value.
@@ -503,3 +503,103 @@ def bn_forward_eval(x, weight, bias, running_mean, running_var, eps, residual=No
         epilogue, channels_last,
     )
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: the host work of bn_forward_eval / bn_forward_train done once per call signature
+
+def _recipe_layout(x, residual):
+    """channels_last when x and the residual are read in place and x is not empty (the calls
+    a recipe serves), else None.  Autotuning (which chooses per launch) takes no recipe."""
+    if x.numel() == 0 or autotune_enabled():
+        return None
+    in_place, channels_last = layout_of(x)
+    if not in_place or (residual is not None and not fits(residual, channels_last)):
+        return None
+    return channels_last
+
+
+def eval_recipe(x, weight, bias, eps, residual=None, epilogue=Epilogue.NONE):
+    """What :func:`bn_forward_eval` does for every call whose tensors have these tensors'
+    sizes, strides, dtypes and devices (and this eps and epilogue), as a function
+    ``run(x, weight, bias, running_mean, running_var, residual) -> y``: the plan, strides and
+    launch arguments worked out here, once.  None where such a call is empty or copies an
+    operand to the path's layout (bn_forward_eval then does the work per call)."""
+    check_epilogue(epilogue, residual, "bn_forward_eval")
+    channels_last = _recipe_layout(x, residual)
+    if channels_last is None:
+        return None
+    new_output = output_maker(x)
+    p = plan(x, channels_last, merge=False)
+    sizes, strides_, flags = _apply_static(
+        p, strides(x, channels_last), strides(new_output(x), channels_last),
+        strides(residual, channels_last) if residual is not None else (0, 0),
+        FROM_RUNNING.value, False, False, weight is not None, bias is not None, epilogue,
+        x.dtype, channels_last)
+    kernel, opts = launcher(_bn_fwd_apply_kernel, p.num_warps)
+    grid, tail, kwargs = p.grid, (*sizes, 0.0, float(eps), *strides_), {**flags, **opts}
+
+    def run(x, weight, bias, running_mean, running_var, residual):
+        y = new_output(x)
+        kernel[grid](x, y, residual, weight, bias, None, None, None, running_mean, running_var,
+                     None, None, None, *tail, **kwargs)
+        return y
+    return run
+
+
+def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
+                 epilogue=Epilogue.NONE, cumulative=False):
+    """What :func:`bn_forward_train` does for every call whose tensors have these tensors'
+    sizes, strides, dtypes and devices (and this eps, statistics mode, epilogue, and running
+    statistics or none, cumulative or not), as a function ``run(x, weight, bias,
+    running_mean, running_var, residual, num_batches_tracked, momentum) -> (y, save_mean,
+    save_rstd)``, or None (as :func:`eval_recipe`)."""
+    check_epilogue(epilogue, residual, "bn_forward_train")
+    channels_last = _recipe_layout(x, residual)
+    if channels_last is None:
+        return None
+    new_output = output_maker(x)
+    C, device, acc = x.shape[1], x.device, acc_dtype(x.dtype)
+    update = running_mean is not None
+    p = plan(x, channels_last)
+    operand_strides = (strides(x, channels_last), strides(new_output(x), channels_last),
+                       strides(residual, channels_last) if residual is not None else (0, 0))
+    restore = RUNNING_STATS if update else ()
+    if p.single_launch:
+        sizes, strides_, flags = _single_launch_static(
+            p, *operand_strides, stats, update, cumulative, weight is not None,
+            bias is not None, epilogue, x.dtype, channels_last)
+        kernel, opts = launcher(_bn_fwd_single_launch_kernel, p.num_warps, restore)
+        grid, eps, kwargs = p.grid, float(eps), {**flags, **opts}
+
+        def run(x, weight, bias, running_mean, running_var, residual, nbt, momentum):
+            y = new_output(x)
+            save_mean = torch.empty(C, dtype=acc, device=device)
+            save_rstd = torch.empty(C, dtype=acc, device=device)
+            kernel[grid](x, y, residual, weight, bias, running_mean, running_var, nbt,
+                         save_mean, save_rstd, *sizes, float(momentum), eps, *strides_,
+                         **kwargs)
+            return y, save_mean, save_rstd
+        return run
+    welford = stats == "single_pass"
+    sizes, strides_, flags = _apply_static(
+        p, *operand_strides, (FROM_WELFORD if welford else FROM_TWO_PASS).value, update,
+        cumulative, weight is not None, bias is not None, epilogue, x.dtype, channels_last)
+    kernel, opts = launcher(_bn_fwd_apply_kernel, p.num_warps, restore)
+    grid, eps, kwargs = p.grid, float(eps), {**flags, **opts}
+    passes = (STATS_WELFORD.value,) if welford else (STATS_SUM.value, STATS_CENTRED.value)
+    parts = 3 if welford else 2
+
+    def run(x, weight, bias, running_mean, running_var, residual, nbt, momentum):
+        y = new_output(x)
+        save_mean = torch.empty(C, dtype=acc, device=device)
+        save_rstd = torch.empty(C, dtype=acc, device=device)
+        part = torch.empty((parts, p.split, C), dtype=acc, device=device).unbind()
+        count_buf, part_a, part_b = part if welford else (None, *part)
+        for pass_ in passes:
+            launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b)
+        kernel[grid](x, y, residual, weight, bias, count_buf, part_a, part_b, running_mean,
+                     running_var, nbt, save_mean, save_rstd, *sizes, float(momentum), eps,
+                     *strides_, **kwargs)
+        return y, save_mean, save_rstd
+    return run

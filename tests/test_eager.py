@@ -11,7 +11,8 @@ from kernels import _eager
 # (training, epilogue as (residual, activation), layout, momentum, track_running_stats)
 CASES = [
     (True, (False, None), "nchw", 0.1, True),
-    (True, (True, "relu"), "channels_last", 0.1, True),
+    (True, (True, "relu"), "channels_last", 0.1, True),  # an NCHW residual: copied
+    (True, (True, "silu"), "channels_last_all", 0.1, True),  # read in place: a recipe
     (True, (False, "silu"), "nchw", None, True),  # cumulative average
     (True, (True, None), "nchw", 0.1, False),  # batch statistics only
     (False, (False, None), "channels_last", 0.1, True),
@@ -54,14 +55,25 @@ class _eager_counting:
         _eager.call = self.original
 
 
+@pytest.mark.parametrize("path", ["single_launch", "general"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
-def test_lean_route_matches_the_full_route_bit_for_bit(case):
+def test_lean_route_matches_the_full_route_bit_for_bit(case, path):
+    """Both launch paths: the lean route's recipes (kernels.forward.eval_recipe,
+    train_recipe, kernels.backward.backward_recipe) against the host functions."""
+    policy = {} if path == "single_launch" else {"single_launch_max_elems": 0}
+    with kernels.planning(**policy):
+        _lean_against_full(case)
+
+
+def _lean_against_full(case):
     torch.manual_seed(1)
     shape = (3, 5, 7, 6)  # odd sizes, masks everywhere
     x = torch.randn(shape) * 3 + 2
-    if case[2] == "channels_last":
+    if case[2].startswith("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
     r, dy = torch.randn(shape), torch.randn(shape)
+    if case[2] == "channels_last_all":
+        r, dy = (t.contiguous(memory_format=torch.channels_last) for t in (r, dy))
     ref = kernels.BatchNorm2d(shape[1], momentum=case[3], track_running_stats=case[4])
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-1, 1)

@@ -78,11 +78,6 @@ def lean(x):
             and _forward_ad._current_level < 0 and not torch._C._is_tracing())
 
 
-def _meta(t):
-    """What the checks and the launches depend on in a tensor argument."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device(), type(t))
-
-
 class Prepared:
     """What the checks decided for one call signature.  `route`: "triton", or "torch" (the
     CPU fallback without the interpreter); `run`: the forward's recipe
@@ -104,9 +99,23 @@ def prepare(check, input, running_mean, running_var, weight, bias, training, mom
     """The Prepared of this call's signature, checking the arguments the first time (with
     `check`, kernels.ops.check_batch_norm_args, which raises what torch would)."""
     policy = _plan.current_policy()
-    key = (_meta(input), training, type(momentum), eps, stats, activation,
-           _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias),
-           _meta(residual), num_batches_tracked is None, policy, _tuning._enabled)
+    # one flat tuple, written out: the key is built on every call
+    key = (input.shape, input.stride(), input.dtype, input.get_device(), training,
+           type(momentum), eps, stats, activation, num_batches_tracked is None, policy,
+           _tuning._enabled,
+           None if running_mean is None else (
+               running_mean.shape, running_mean.stride(), running_mean.dtype,
+               running_mean.get_device(), type(running_mean)),
+           None if running_var is None else (
+               running_var.shape, running_var.stride(), running_var.dtype,
+               running_var.get_device(), type(running_var)),
+           None if weight is None else (
+               weight.shape, weight.stride(), weight.dtype, weight.get_device(), type(weight)),
+           None if bias is None else (
+               bias.shape, bias.stride(), bias.dtype, bias.get_device(), type(bias)),
+           None if residual is None else (
+               residual.shape, residual.stride(), residual.dtype, residual.get_device(),
+               type(residual)))
     found = _prepared.get(key)
     if found is not None:
         return found
@@ -140,14 +149,18 @@ def _dense(t):
 
 def call(prepared, input, running_mean, running_var, weight, bias, momentum, eps, residual,
          num_batches_tracked, fallback):
-    """Run a prepared call on the lean route; returns the output.  `fallback` is
-    kernels.torch_batch_norm (the route "torch")."""
+    """Run a prepared call on the lean route; returns the output, or None where the full
+    route is to run it (strided per-channel tensors: its copies and write-back).
+    `fallback` is kernels.torch_batch_norm (the route "torch")."""
+    if prepared.run is not None and not _profiling():  # the common case first
+        return _call(prepared, input, running_mean, running_var, weight, bias, momentum, eps,
+                     residual, num_batches_tracked)
     if prepared.route == "torch":
         if num_batches_tracked is not None and prepared.training and running_mean is not None:
             momentum = 1.0 / float(num_batches_tracked)
         return fallback(input, running_mean, running_var, weight, bias, prepared.training,
                         momentum, eps, residual, prepared.activation)
-    if prepared.copies:  # strided per-channel tensors: the full route's copies and write-back
+    if prepared.copies:
         return None
     if _profiling():  # a profile names the call as it names the full route's custom op
         name = "bnbench::batch_norm_train" if prepared.training else "bnbench::batch_norm_eval"

@@ -98,7 +98,7 @@ def prepare(check, input, running_mean, running_var, weight, bias, training, mom
             stats, residual, activation, num_batches_tracked):
     """The Prepared of this call's signature, checking the arguments the first time (with
     `check`, kernels.ops.check_batch_norm_args, which raises what torch would)."""
-    policy = _plan.current_policy()
+    policy = _plan._context_policy.get() or _plan._default_policy  # current_policy()
     # one flat tuple, written out: the key is built on every call
     key = (input.shape, input.stride(), input.dtype, input.get_device(), training,
            type(momentum), eps, stats, activation, num_batches_tracked is None, policy,
@@ -152,9 +152,18 @@ def call(prepared, input, running_mean, running_var, weight, bias, momentum, eps
     """Run a prepared call on the lean route; returns the output, or None where the full
     route is to run it (strided per-channel tensors: its copies and write-back).
     `fallback` is kernels.torch_batch_norm (the route "torch")."""
-    if prepared.run is not None and not _profiling():  # the common case first
-        return _call(prepared, input, running_mean, running_var, weight, bias, momentum, eps,
-                     residual, num_batches_tracked)
+    run = prepared.run
+    if run is not None and not _profiling():  # the common case: _call's, one frame less
+        if torch.is_grad_enabled() and (
+                input.requires_grad or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad)
+                or (residual is not None and residual.requires_grad)):
+            return _node(prepared, input, running_mean, running_var, weight, bias, momentum,
+                         eps, residual, num_batches_tracked)
+        if prepared.training:
+            return run(input, weight, bias, running_mean, running_var, residual,
+                       num_batches_tracked, momentum)[0]
+        return run(input, weight, bias, running_mean, running_var, residual)
     if prepared.route == "torch":
         if num_batches_tracked is not None and prepared.training and running_mean is not None:
             momentum = 1.0 / float(num_batches_tracked)
@@ -177,10 +186,8 @@ def _call(prepared, input, running_mean, running_var, weight, bias, momentum, ep
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
-        return _apply(_unwrap(input), weight if weight is None else _unwrap(weight),
-                      bias if bias is None else _unwrap(bias),
-                      residual if residual is None else _unwrap(residual), (
-            prepared, running_mean, running_var, num_batches_tracked, momentum, eps))
+        return _node(prepared, input, running_mean, running_var, weight, bias, momentum, eps,
+                     residual, num_batches_tracked)
     run = prepared.run
     if run is not None:
         if prepared.training:
@@ -193,6 +200,15 @@ def _call(prepared, input, running_mean, running_var, weight, bias, momentum, ep
                                 num_batches_tracked)[0]
     return bn_forward_eval(input, weight, bias, running_mean, running_var, eps, residual,
                            prepared.epilogue)
+
+
+def _node(prepared, input, running_mean, running_var, weight, bias, momentum, eps, residual,
+          num_batches_tracked):
+    """The call as one autograd node (_EagerFunction)."""
+    return _apply(_unwrap(input), weight if weight is None else _unwrap(weight),
+                  bias if bias is None else _unwrap(bias),
+                  residual if residual is None else _unwrap(residual),
+                  (prepared, running_mean, running_var, num_batches_tracked, momentum, eps))
 
 
 class _EagerFunction(torch.autograd.Function):

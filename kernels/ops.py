@@ -462,11 +462,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         The normalised tensor, differentiable in input, weight, bias and residual
         (any order, forward and reverse mode, and under torch.func transforms).
     """
-    if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
-        # an empty 0-D/1-D input: torch accepts it and has nothing to compute
-        return torch_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                momentum, eps, residual, activation)
-    if _eager.lean(input):  # a plain eager call: checks once per signature, one node
+    if _eager.lean(input) and input.dim() >= 2:  # a plain eager call: see kernels._eager
         prepared = _eager.prepare(
             check_batch_norm_args, input, running_mean, running_var, weight, bias, training,
             momentum, eps, stats, residual, activation, num_batches_tracked)
@@ -474,6 +470,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                         eps, residual, num_batches_tracked, torch_batch_norm)
         if y is not None:
             return y
+    elif isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
+        # an empty 0-D/1-D input: torch accepts it and has nothing to compute
+        return torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, residual, activation)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
                           stats, residual, activation, eps)
     if not uses_triton(input) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():

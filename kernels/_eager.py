@@ -101,7 +101,7 @@ def prepare(check, input, running_mean, running_var, weight, bias, training, mom
     policy = _plan._context_policy.get() or _plan._default_policy  # current_policy()
     # one flat tuple, written out: the key is built on every call
     key = (input.shape, input.stride(), input.dtype, input.get_device(), training,
-           type(momentum), eps, stats, activation, num_batches_tracked is None, policy,
+           type(momentum), eps, stats, activation, num_batches_tracked is None, id(policy),
            _tuning._enabled,
            None if running_mean is None else (
                running_mean.shape, running_mean.stride(), running_mean.dtype,
@@ -117,7 +117,7 @@ def prepare(check, input, running_mean, running_var, weight, bias, training, mom
                residual.shape, residual.stride(), residual.dtype, residual.get_device(),
                type(residual)))
     found = _prepared.get(key)
-    if found is not None:
+    if found is not None and found.policy is policy:  # (an id can be reused: the object)
         return found
     check(input, running_mean, running_var, weight, bias, training, momentum, stats, residual,
           activation, eps)

@@ -301,7 +301,10 @@ class SyncBatchNorm(_BatchNormKernels, nn.SyncBatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+        # group.size(): dist.get_world_size's answer for a group this rank is in, without its
+        # Python checks (on every call); anything else (not a member: -1) asks it
+        size = group.size() if isinstance(group, dist.ProcessGroup) else dist.get_world_size(group)
+        return group if size > 1 else None
 
     def forward(self, input, residual=None):
         group = self._group()

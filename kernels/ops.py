@@ -421,7 +421,7 @@ def _check_params(x, running_mean, running_var, weight, bias):
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but {name} is on {t.device} "
                 f"and input is on {x.device}")
-        if t.dtype not in allowed:
+        if t.dtype not in allowed and x.numel() != 0:  # empty: nothing to mix (as torch)
             raise RuntimeError(
                 f"{name} has dtype {t.dtype} but input has dtype {x.dtype}; parameters and "
                 f"running stats must have the input's dtype (or float32 for float16/bfloat16 "

@@ -107,6 +107,23 @@ def _global_stats(x, stats, group):
     return N, P, mu, M2, pivot
 
 
+def _check_global_count(x, N):
+    """torch's ValueError when the whole group holds one value per channel.  A global count
+    of 1 means every rank holds at most one value, so only a rank whose own count (known from
+    its shape) is at most 1 reads the global count back to the host: then every rank of such
+    a group reads it and raises alike, and a step of larger batches reads nothing (as torch,
+    nothing is read while a CUDA graph is being captured)."""
+    C = x.shape[1]
+    if C == 0 or x.numel() // C > 1:
+        return
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    count = int(N[0])
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"size {count} over the process group")
+
+
 @torch.library.custom_op("bnbench::sync_batch_norm_train",
                          mutates_args=("running_mean", "running_var"))
 def _sync_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -116,6 +133,7 @@ def _sync_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    group: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     N, P, mu, M2, pivot = _global_stats(x, stats, _group(group))
+    _check_global_count(x, N)
     var = M2 / N.clamp_min(1)
     rstd = (var + eps).rsqrt()
     scale = rstd if weight is None else rstd * weight.to(acc)

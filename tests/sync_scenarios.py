@@ -305,6 +305,20 @@ def errors(rank, world):
             raise AssertionError("a rank with another C or dtype was not refused")
     for key, value in bn.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed by a refused call"
+    # one value per channel over the whole group (rank 0: (1, C, 1, 1), the others empty):
+    # torch's ValueError on every rank, the running statistics untouched (torch counts the
+    # batch first, and so does the module)
+    stats = [t.clone() for t in (bn.running_mean, bn.running_var)]
+    one = torch.randn(1 if rank == 0 else 0, C, 1, 1, requires_grad=True)
+    try:
+        bn(one)
+    except ValueError as e:
+        assert "Expected more than 1 value per channel when training" in str(e), e
+    else:
+        raise AssertionError("one value per channel over the group was not refused")
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    two = torch.randn(1, C, 1, 1)  # one value on each rank: two over the group, accepted
+    assert torch.isfinite(bn(two)).all()
 
 
 def subgroups(rank, world):

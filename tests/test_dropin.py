@@ -559,3 +559,29 @@ def test_torch_compile_fullgraph_matches_torch(momentum, device):
                  "conv grad / max |conv grad|")
     for key, value in ref.state_dict().items():
         assert_close(ours.state_dict()[key].double(), value.double(), torch.float32, key)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_float64_batch_through_a_float32_module_is_torchs(training):
+    """torch's test_BatchNorm_empty case: an empty float64 batch through a float32 module is
+    accepted (nothing to compute); the output is float64 and empty, the running statistics
+    are untouched, the batch is counted in training, the parameters' gradients are zeros.
+    A non-empty mix still raises in both."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.running_mean.uniform_(-1, 1), ref.running_var.uniform_(0.5, 2)
+    ours = kernels.convert_batchnorm(copy.deepcopy(ref))
+    outs = []
+    for m in (ref, ours):
+        m.train(training)
+        x = torch.randn(0, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        outs.append((y, x.grad, m.weight.grad, m.bias.grad, *m.state_dict().values()))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    full = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    for m in (ref, ours):
+        with pytest.raises(RuntimeError):
+            m(full)

@@ -278,12 +278,14 @@ def _pivot(x_ptr, pid_c, ch, C, stride_chan, dtype: tl.constexpr, CHANNELS_LAST:
 
     x - pivot is exact for data near the pivot, so sums of it keep full precision
     even when the mean is large against the spread (mean 1e4, std 1), and the
-    per-program means merged later are small numbers.
+    per-program means merged later are small numbers.  A non-finite first element gives
+    the pivot 0 (x - inf would make the channel's mean NaN where torch's is inf).
     """
     if CHANNELS_LAST:
-        return tl.load(x_ptr + ch, mask=ch < C, other=0.0).to(dtype)
+        p = tl.load(x_ptr + ch, mask=ch < C, other=0.0).to(dtype)
     else:
-        return tl.load(x_ptr + pid_c.to(tl.int64) * stride_chan).to(dtype)
+        p = tl.load(x_ptr + pid_c.to(tl.int64) * stride_chan).to(dtype)
+    return tl.where(p - p == 0.0, p, 0.0)  # p - p is NaN exactly for inf and NaN
 
 
 @triton.jit

@@ -80,6 +80,7 @@ def _global_stats(x, stats, group):
     empty = x.numel() == 0
     xl, channels_last = choose_layout(x)
     pivot = zeros if empty else xl[0].reshape(C, -1)[:, 0].to(acc).contiguous()
+    pivot = pivot.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # as _pivot: finite
     n = torch.full_like(zeros, 0 if empty else x.numel() // C)
     if stats == "single_pass":
         mean = m2 = zeros

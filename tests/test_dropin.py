@@ -585,3 +585,27 @@ def test_an_empty_float64_batch_through_a_float32_module_is_torchs(training):
     for m in (ref, ours):
         with pytest.raises(RuntimeError):
             m(full)
+
+
+@pytest.mark.parametrize("stats", ["single_pass", "two_pass"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inf_at_the_first_element_of_a_channel_is_torchs(stats, layout, path):
+    """The statistics are shifted by each channel's first element: an inf there must give
+    torch's running mean (inf, not NaN) and torch's NaN pattern in the output; the other
+    channels are untouched by it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 3)
+    x[0, 0, 0, 0] = float("inf")
+    x[1, 2, 0, 0] = float("-inf")  # not a first element: as torch already
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.BatchNorm2d(4, dtype=torch.float64).train()
+    ours = kernels.BatchNorm2d(4, stats=stats).train()
+    y_ref, y = ref(x.double()), ours(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    for got, want in ((ours.running_mean, ref.running_mean), (ours.running_var, ref.running_var)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), (got, want)
+        finite = torch.isfinite(want)
+        assert_close(got[finite], want[finite].float(), torch.float32, "running stats")
+    assert ours.running_mean[0] == float("inf")

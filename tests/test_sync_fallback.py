@@ -18,20 +18,31 @@ def readme_script():
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def torchrun(script, interpret):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+# A worker that dies in gloo's C++ code ("terminate called without an active exception",
+# SIGABRT): seen once, in CI with the suite beside it on 2 cores, not reproduced here in 18
+# runs (12 of them three at once). Such a run is started once more and a second such death
+# fails the test; any other failure (an exception, a wrong loss) fails at once.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def torchrun(script, interpret, tries=2):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-         "2", "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
-        cwd=script.parent, env=env, capture_output=True, text=True, timeout=600,
-        start_new_session=True)  # a timeout kills torchrun; its workers die with it
-    assert out.returncode == 0, out.stderr[-3000:]
+    for attempt in range(tries):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+             "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             str(script)],
+            cwd=script.parent, env=env, capture_output=True, text=True, timeout=600,
+            start_new_session=True)  # a timeout kills torchrun; its workers die with it
+        if out.returncode == 0 or TEARDOWN_ABORT not in out.stderr:
+            break
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     found = re.search(r"2 process\(es\): .*last loss (\S+)", out.stdout)
     assert found, out.stdout
     return float(found.group(1))

@@ -44,6 +44,7 @@ x's dtype or float32.  y has x's dtype.  Saved mean and rstd are float32
 """
 
 import functools
+import struct
 
 import torch
 import triton
@@ -66,6 +67,17 @@ STATS_WELFORD = tl.constexpr(2)  # per-split (count, mean, M2) (single-pass)
 FROM_RUNNING = tl.constexpr(0)  # the running statistics (eval)
 FROM_TWO_PASS = tl.constexpr(1)  # merged two-pass partials
 FROM_WELFORD = tl.constexpr(2)  # merged single-pass partials
+
+_F32 = struct.Struct("f")
+
+
+def momentum_args(momentum):
+    """(hi, lo): the momentum as two float32 kernel arguments whose sum in float64 is the
+    float64 momentum to about 1e-15 (one float32 alone is 1.5e-8 off at 0.1, beyond float64
+    running stats' tolerance); in float32, hi + lo rounds to hi."""
+    m = float(momentum)
+    hi = _F32.unpack(_F32.pack(m))[0]
+    return hi, m - hi
 
 STATS_MODES = ("two_pass", "single_pass")
 # updated in place, so restored between autotune trials
@@ -161,7 +173,7 @@ def _bn_fwd_apply_kernel(
     save_mean_ptr, save_rstd_ptr,  # [C] out (training): batch mean and 1/sqrt(var + eps), ACC dtype
     C, n_rows, n_cols, n_col_blocks,  # plane geometry
     tiles, tiles_per_prog, split,  # tiles per channel group, per program; programs per group
-    count, momentum, eps,  # M = N*HW; running-stats momentum; epsilon
+    count, momentum, momentum_lo, eps,  # M = N*HW; momentum as hi + lo (float32 each); eps
     stride_x_row, stride_x_chan, stride_y_row, stride_y_chan, stride_r_row, stride_r_chan,
     SOURCE: tl.constexpr,  # FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD
     UPDATE_RUNNING: tl.constexpr,
@@ -201,8 +213,8 @@ def _bn_fwd_apply_kernel(
     if SOURCE != FROM_RUNNING:
         if pid_s == 0:
             _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
-                          pivot + mean_s, var, rstd, count, momentum, UPDATE_RUNNING, CUMULATIVE,
-                          ACC)
+                          pivot + mean_s, var, rstd, count, momentum, momentum_lo,
+                          UPDATE_RUNNING, CUMULATIVE, ACC)
 
     # y = ((x - pivot) - shifted mean) * (w * rstd) + b [+ residual], then the activation
     w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
@@ -229,7 +241,7 @@ def _bn_fwd_single_launch_kernel(
     x_ptr, y_ptr, res_ptr, w_ptr, b_ptr,  # as in _bn_fwd_apply_kernel
     run_mean_ptr, run_var_ptr, nbt_ptr, save_mean_ptr, save_rstd_ptr,  # as in _bn_fwd_apply_kernel
     C, n_rows, n_cols,  # plane geometry: the whole plane is one [BLOCK_ROW, BLOCK_COL] tile
-    count, momentum, eps,
+    count, momentum, momentum_lo, eps,
     stride_x_row, stride_x_chan, stride_y_row, stride_y_chan, stride_r_row, stride_r_chan,
     WELFORD: tl.constexpr,  # single_pass: Welford/Chan merges; else two passes over registers
     UPDATE_RUNNING: tl.constexpr,
@@ -263,7 +275,8 @@ def _bn_fwd_single_launch_kernel(
     var = m2 / count
     rstd = _inv_std(var, eps)
     _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
-                  pivot + mean_s, var, rstd, count, momentum, UPDATE_RUNNING, CUMULATIVE, ACC)
+                  pivot + mean_s, var, rstd, count, momentum, momentum_lo, UPDATE_RUNNING,
+                  CUMULATIVE, ACC)
 
     w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
     b = _bcast(_load_channel(b_ptr, ch, C, 0.0, ACC, HAS_BIAS), CHANNELS_LAST)
@@ -307,20 +320,26 @@ def _blocks_chan_merged(xs, mask, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr
 
 @triton.jit
 def _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
-                  mean, var, rstd, count, momentum, UPDATE_RUNNING: tl.constexpr,
+                  mean, var, rstd, count, momentum, momentum_lo, UPDATE_RUNNING: tl.constexpr,
                   CUMULATIVE: tl.constexpr, ACC: tl.constexpr):
-    """Save mean and rstd for backward; update the running stats (unbiased variance)."""
+    """Save mean and rstd for backward; update the running stats (unbiased variance).
+    A float argument reaches a compiled kernel as float32, so the count's ratio is taken and
+    the momentum summed from its float32 halves (:func:`momentum_args`) in ACC: float64 running
+    stats as torch's (float32 ones unchanged: hi + lo rounds to hi)."""
     mask_c = ch < C
     tl.store(save_mean_ptr + ch, mean, mask=mask_c)
     tl.store(save_rstd_ptr + ch, rstd, mask=mask_c)
     if UPDATE_RUNNING:
         run_mean = tl.load(run_mean_ptr + ch, mask=mask_c, other=0.0).to(ACC)
         run_var = tl.load(run_var_ptr + ch, mask=mask_c, other=0.0).to(ACC)
-        unbiased = var * (count / (count - 1.0))
+        n = count + tl.zeros_like(var)
+        unbiased = var * (n / (n - 1.0))
         if CUMULATIVE:
-            momentum = 1.0 / tl.load(nbt_ptr).to(ACC)
-        tl.store(run_mean_ptr + ch, run_mean + momentum * (mean - run_mean), mask=mask_c)
-        tl.store(run_var_ptr + ch, run_var + momentum * (unbiased - run_var), mask=mask_c)
+            m = 1.0 / tl.load(nbt_ptr).to(ACC)
+        else:
+            m = (momentum + tl.zeros_like(run_mean)) + momentum_lo
+        tl.store(run_mean_ptr + ch, run_mean + m * (mean - run_mean), mask=mask_c)
+        tl.store(run_var_ptr + ch, run_var + m * (unbiased - run_var), mask=mask_c)
 
 
 @triton.jit
@@ -351,7 +370,7 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
     kernel[p.grid](
         x, y, residual, weight, bias, count_buf, part_a, part_b,
         running_mean, running_var, num_batches_tracked, save_mean, save_rstd,
-        *sizes, float(momentum), float(eps), *layout, **flags, **opts,
+        *sizes, *momentum_args(momentum), float(eps), *layout, **flags, **opts,
     )
 
 
@@ -447,7 +466,7 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
                                 RUNNING_STATS if running_mean is not None else ())
         kernel[p.grid](
             x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-            save_mean, save_rstd, *sizes, float(momentum), float(eps), *layout, **flags,
+            save_mean, save_rstd, *sizes, *momentum_args(momentum), float(eps), *layout, **flags,
             **opts,
         )
         return y, save_mean, save_rstd
@@ -537,7 +556,7 @@ def eval_recipe(x, weight, bias, eps, residual=None, epilogue=Epilogue.NONE):
         FROM_RUNNING.value, False, False, weight is not None, bias is not None, epilogue,
         x.dtype, channels_last)
     kernel, opts = launcher(_bn_fwd_apply_kernel, p.num_warps)
-    grid, tail, kwargs = p.grid, (*sizes, 0.0, float(eps), *strides_), {**flags, **opts}
+    grid, tail, kwargs = p.grid, (*sizes, 0.0, 0.0, float(eps), *strides_), {**flags, **opts}
 
     def run(x, weight, bias, running_mean, running_var, residual):
         y = new_output(x)
@@ -577,7 +596,7 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
             save_mean = torch.empty(C, dtype=acc, device=device)
             save_rstd = torch.empty(C, dtype=acc, device=device)
             kernel[grid](x, y, residual, weight, bias, running_mean, running_var, nbt,
-                         save_mean, save_rstd, *sizes, float(momentum), eps, *strides_,
+                         save_mean, save_rstd, *sizes, *momentum_args(momentum), eps, *strides_,
                          **kwargs)
             return y, save_mean, save_rstd
         return run
@@ -599,7 +618,7 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
         for pass_ in passes:
             launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b)
         kernel[grid](x, y, residual, weight, bias, count_buf, part_a, part_b, running_mean,
-                     running_var, nbt, save_mean, save_rstd, *sizes, float(momentum), eps,
+                     running_var, nbt, save_mean, save_rstd, *sizes, *momentum_args(momentum), eps,
                      *strides_, **kwargs)
         return y, save_mean, save_rstd
     return run

@@ -89,9 +89,9 @@ def _lean_against_full(case):
         assert torch.equal(a, b), f"output {i} differs between the routes"
 
 
-def test_one_autograd_node_per_call():
-    m = kernels.BatchNorm2d(4)
-    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+def test_one_autograd_node_per_call(device):
+    m = kernels.BatchNorm2d(4).to(device)
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
     y = m(x)
     node = y.grad_fn
     assert type(node).__name__ == "_EagerFunctionBackward"
@@ -162,11 +162,11 @@ def test_double_backward_on_the_lean_route():
     assert calls and all(calls)
 
 
-def test_a_profile_names_the_lean_calls_as_the_ops():
+def test_a_profile_names_the_lean_calls_as_the_ops(device):
     """torch.profiler sees the lean route's forward and backward under the custom ops' names
     (bnbench run's backend column reads them)."""
-    m = kernels.BatchNorm2d(3)
-    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    m = kernels.BatchNorm2d(3).to(device)
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
     with torch.profiler.profile() as prof:
         m(x).sum().backward()
     names = {e.name for e in prof.events()}

@@ -322,6 +322,11 @@ def test_compile_reduce_overhead_runs_as_cuda_graphs():
     with config.patch({"triton.cudagraph_or_error": True}):
         for i in range(4):
             x = torch.randn(3, 3, 7, 5, device=device)
+            # a step's gradients anew, as a training loop's zero_grad: accumulating into a
+            # .grad that is the last replay's output reads a CUDA-graph output overwritten
+            # by this replay (the first GPU run failed so, in the backward)
+            for m in (model, eager):
+                m.zero_grad(set_to_none=True)
             torch.compiler.cudagraph_mark_step_begin()
             y = compiled(x)
             y.sum().backward()

@@ -155,10 +155,30 @@ def compile_launch(launch, arch):
     return result
 
 
-def compile_all(archs=ARCHS, match=None):
-    """Compile every distinct launch of every (matching) scenario for each architecture."""
-    return [compile_launch(launch, arch) for launch in recorded_launches(match)
-            for arch in archs]
+def compile_all(archs=ARCHS, match=None, progress=None):
+    """Compile every distinct launch of every (matching) scenario for each architecture;
+    `progress(done, total)`, if given, is called before the first compile and after each."""
+    launches = recorded_launches(match)
+    total = len(launches) * len(archs)
+    results = []
+    if progress:
+        progress(0, total)
+    for launch in launches:
+        for arch in archs:
+            results.append(compile_launch(launch, arch))
+            if progress:
+                progress(len(results), total)
+    return results
+
+
+def _progress_writer(fd):
+    """A `progress` for compile_all writing ``<done> <total>`` lines to file descriptor `fd`
+    (``bnbench inspect`` draws its bar from them)."""
+    stream = os.fdopen(fd, "w", buffering=1)
+
+    def progress(done, total):
+        stream.write(f"{done} {total}\n")
+    return progress
 
 
 def main(argv=None):
@@ -172,6 +192,8 @@ def main(argv=None):
                         help="compile nothing: print the features (kernel, constexpr value / "
                              "argument dtypes / num_warps) the full product of axes reaches "
                              "and those the compile list misses, as JSON")
+    parser.add_argument("--progress-fd", type=int,
+                        help="write '<done> <total>' lines to this open file descriptor")
     args = parser.parse_args(argv)
     try:
         if args.coverage:
@@ -180,7 +202,8 @@ def main(argv=None):
             reached, missed = registry.coverage()
             json.dump(dict(reached=sorted(reached), missed=sorted(missed)), sys.stdout, indent=1)
             return 0
-        results = compile_all(tuple(args.arch or ARCHS), args.match)
+        progress = None if args.progress_fd is None else _progress_writer(args.progress_fd)
+        results = compile_all(tuple(args.arch or ARCHS), args.match, progress)
     except TritonInternalsUnavailable as e:
         print(f"unavailable: {e}", file=sys.stderr)
         return 2

@@ -14,17 +14,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+import threading
 
 COLUMNS = ["kernel", "arch", "scenario", "registers", "spill_stores", "spill_loads",
            "stack_frame", "shared_bytes", "max_load_bytes", "max_store_bytes", "num_warps",
            "num_stages", "constexprs", "error"]
 
 
-def compile_variants(archs=(80, 90), match=None):
+def compile_variants(archs=(80, 90), match=None, progress=None):
     """Run ``python -m bnbench.aot`` (interpreter off) and return its results as a DataFrame.
 
     The subprocess imports the installed packages (no dependence on the working directory).
+    `progress`: called with the number of variants once they are known, it returns a bar
+    (tqdm: ``update``, ``close``) fed from the subprocess's ``<done> <total>`` lines on a pipe
+    of its own as each variant compiles; nothing is drawn before the first line.
     Raises TritonInternalsUnavailable where launch recording or ahead-of-time binding cannot
     run on the installed Triton."""
     import pandas as pd
@@ -38,13 +41,38 @@ def compile_variants(archs=(80, 90), match=None):
     cmd += [a for arch in archs for a in ("--arch", str(arch))]
     if match:
         cmd += ["--match", match]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    read_end, write_end = os.pipe()
+    reader = threading.Thread(target=_follow, args=(read_end, progress), daemon=True)
+    reader.start()
+    try:
+        out = subprocess.run(cmd + ["--progress-fd", str(write_end)], env=env,
+                             capture_output=True, text=True, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+        reader.join()
     last = out.stderr.strip().splitlines()[-1:]
     if out.returncode == 2 and last and last[0].startswith("unavailable: "):
         raise internals.TritonInternalsUnavailable.relayed(last[0][len("unavailable: "):])
     if out.returncode != 0:
         raise RuntimeError(f"bnbench.aot failed: {out.stderr.strip().splitlines()[-1:]}")
     return pd.DataFrame(json.loads(out.stdout))[COLUMNS]
+
+
+def _follow(fd, progress):
+    """Read ``<done> <total>`` lines from `fd` until the writers close it; a bar from
+    `progress(total)` at the first, moved at each, closed at the end."""
+    shown, bar = 0, None
+    with os.fdopen(fd) as stream:
+        for line in stream:
+            done, total = (int(v) for v in line.split())
+            if progress is None:
+                continue
+            if bar is None:
+                bar = progress(total)
+            bar.update(done - shown)
+            shown = done
+    if bar is not None:
+        bar.close()
 
 
 def summary(df):
@@ -70,13 +98,16 @@ def markdown(df):
 
 
 def run_command(args):
+    from tqdm import tqdm
+
     from bnbench.environment import command_out, stamp
 
     out = command_out("inspect", args.out, "results", ["inspect.csv"])
     if out is None:
         return 2
     archs = tuple(args.arch)
-    df = compile_variants(archs, args.match)
+    df = compile_variants(archs, args.match, progress=lambda total: tqdm(
+        total=total, desc="bnbench inspect", unit="variant", file=sys.stderr))
     method = ("triton.compile + ptxas for " + "/".join(f"sm_{a}" for a in archs)
               + ", no GPU; registers, spills and shared memory from the compiled kernel, "
               "widest load/store from its PTX")

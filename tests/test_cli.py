@@ -448,3 +448,34 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args):
     assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+@pytest.mark.quick
+def test_inspect_draws_progress_from_the_compiler_subprocess(monkeypatch):
+    """`bnbench inspect`'s bar moves with the `<done> <total>` lines `python -m bnbench.aot`
+    writes on the descriptor it is given (the compiler replaced by a stand-in that writes
+    them): created once at the first line, moved to the end, closed."""
+    import json
+    from types import SimpleNamespace
+
+    from bnbench import inspect as bn_inspect
+
+    def fake_run(cmd, **kwargs):
+        fd = int(cmd[cmd.index("--progress-fd") + 1])
+        assert fd in kwargs["pass_fds"]
+        os.write(fd, b"0 3\n1 3\n2 3\n3 3\n")
+        row = {c: 0 for c in bn_inspect.COLUMNS}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps([row]), "")
+
+    monkeypatch.setattr(bn_inspect.subprocess, "run", fake_run)
+    bars = []
+
+    def make_bar(total):
+        bars.append(SimpleNamespace(total=total, n=0, closed=False))
+        bars[-1].update = lambda k: setattr(bars[-1], "n", bars[-1].n + k)
+        bars[-1].close = lambda: setattr(bars[-1], "closed", True)
+        return bars[-1]
+
+    df = bn_inspect.compile_variants((90,), "x", progress=make_bar)
+    assert len(df) == 1
+    assert [(b.total, b.n, b.closed) for b in bars] == [(3, 3, True)]

@@ -182,6 +182,8 @@ def test_inspect_command(tmp_path):
     # the metadata every bnbench CSV starts with; no GPU ran it, the compiler did
     assert list(df.columns[:len(STAMP_COLUMNS)]) == list(STAMP_COLUMNS)
     assert set(df.device_type) == {"none"} and set(df.triton_mode) == {"compiled"}
+    # progress on stderr, as bnbench run's: the bar reaches every compiled variant
+    assert "bnbench inspect: 100%" in out.stderr and f"{len(df)}/{len(df)}" in out.stderr
     assert set(df.method) == {"triton.compile + ptxas for sm_90, no GPU; registers, spills and "
                               "shared memory from the compiled kernel, widest load/store from "
                               "its PTX"}

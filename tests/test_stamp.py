@@ -139,7 +139,7 @@ def test_inspect_csv(tmp_path, monkeypatch):
     row = {c: 0 for c in inspect.COLUMNS}
     row.update(kernel="k", arch=90, scenario="s", registers=32, constexprs="", error="")
     monkeypatch.setattr(inspect, "compile_variants",
-                        lambda archs, match: pd.DataFrame([row])[inspect.COLUMNS])
+                        lambda archs, match, progress=None: pd.DataFrame([row])[inspect.COLUMNS])
     args = types.SimpleNamespace(out=str(tmp_path), arch=[80, 90], match=None)
     assert inspect.run_command(args) == 0
     df = assert_stamped(tmp_path / "inspect.csv")

@@ -71,13 +71,22 @@ FROM_WELFORD = tl.constexpr(2)  # merged single-pass partials
 _F32 = struct.Struct("f")
 
 
-def momentum_args(momentum):
-    """(hi, lo): the momentum as two float32 kernel arguments whose sum in float64 is the
-    float64 momentum to about 1e-15 (one float32 alone is 1.5e-8 off at 0.1, beyond float64
-    running stats' tolerance); in float32, hi + lo rounds to hi."""
+def momentum_hi(momentum, dtype):
+    """The momentum argument: for float64, its float32 value (what a compiled kernel gets,
+    and the interpreter then too), beside :func:`momentum_lo`; else the momentum."""
     m = float(momentum)
-    hi = _F32.unpack(_F32.pack(m))[0]
-    return hi, m - hi
+    return _F32.unpack(_F32.pack(m))[0] if dtype == torch.float64 else m
+
+
+def momentum_lo(momentum, dtype):
+    """The MOMENTUM_LO constexpr: for float64, the momentum's part below its float32 value (a
+    float argument reaches a compiled kernel as float32, 1.5e-8 off at 0.1: beyond float64
+    running stats' tolerance), which the kernel adds back in float64; 0.0 for every other
+    dtype (one compiled variant, the running update unchanged)."""
+    if dtype != torch.float64:
+        return 0.0
+    m = float(momentum)
+    return m - _F32.unpack(_F32.pack(m))[0]
 
 STATS_MODES = ("two_pass", "single_pass")
 # updated in place, so restored between autotune trials
@@ -173,11 +182,12 @@ def _bn_fwd_apply_kernel(
     save_mean_ptr, save_rstd_ptr,  # [C] out (training): batch mean and 1/sqrt(var + eps), ACC dtype
     C, n_rows, n_cols, n_col_blocks,  # plane geometry
     tiles, tiles_per_prog, split,  # tiles per channel group, per program; programs per group
-    count, momentum, momentum_lo, eps,  # M = N*HW; momentum as hi + lo (float32 each); eps
+    count, momentum, eps,  # M = N*HW; running-stats momentum (float32: its hi half); eps
     stride_x_row, stride_x_chan, stride_y_row, stride_y_chan, stride_r_row, stride_r_chan,
     SOURCE: tl.constexpr,  # FROM_RUNNING, FROM_TWO_PASS or FROM_WELFORD
     UPDATE_RUNNING: tl.constexpr,
     CUMULATIVE: tl.constexpr,  # momentum = 1 / num_batches_tracked (momentum=None)
+    MOMENTUM_LO: tl.constexpr,  # the momentum's low float32 half (float64 ACC), else 0.0
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -213,7 +223,7 @@ def _bn_fwd_apply_kernel(
     if SOURCE != FROM_RUNNING:
         if pid_s == 0:
             _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
-                          pivot + mean_s, var, rstd, count, momentum, momentum_lo,
+                          pivot + mean_s, var, rstd, count, momentum, MOMENTUM_LO,
                           UPDATE_RUNNING, CUMULATIVE, ACC)
 
     # y = ((x - pivot) - shifted mean) * (w * rstd) + b [+ residual], then the activation
@@ -241,11 +251,12 @@ def _bn_fwd_single_launch_kernel(
     x_ptr, y_ptr, res_ptr, w_ptr, b_ptr,  # as in _bn_fwd_apply_kernel
     run_mean_ptr, run_var_ptr, nbt_ptr, save_mean_ptr, save_rstd_ptr,  # as in _bn_fwd_apply_kernel
     C, n_rows, n_cols,  # plane geometry: the whole plane is one [BLOCK_ROW, BLOCK_COL] tile
-    count, momentum, momentum_lo, eps,
+    count, momentum, eps,
     stride_x_row, stride_x_chan, stride_y_row, stride_y_chan, stride_r_row, stride_r_chan,
     WELFORD: tl.constexpr,  # single_pass: Welford/Chan merges; else two passes over registers
     UPDATE_RUNNING: tl.constexpr,
     CUMULATIVE: tl.constexpr,
+    MOMENTUM_LO: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -275,7 +286,7 @@ def _bn_fwd_single_launch_kernel(
     var = m2 / count
     rstd = _inv_std(var, eps)
     _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
-                  pivot + mean_s, var, rstd, count, momentum, momentum_lo, UPDATE_RUNNING,
+                  pivot + mean_s, var, rstd, count, momentum, MOMENTUM_LO, UPDATE_RUNNING,
                   CUMULATIVE, ACC)
 
     w = _load_channel(w_ptr, ch, C, 1.0, ACC, HAS_WEIGHT)
@@ -320,12 +331,13 @@ def _blocks_chan_merged(xs, mask, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr
 
 @triton.jit
 def _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, ch, C,
-                  mean, var, rstd, count, momentum, momentum_lo, UPDATE_RUNNING: tl.constexpr,
+                  mean, var, rstd, count, momentum, MOMENTUM_LO: tl.constexpr,
+                  UPDATE_RUNNING: tl.constexpr,
                   CUMULATIVE: tl.constexpr, ACC: tl.constexpr):
     """Save mean and rstd for backward; update the running stats (unbiased variance).
     A float argument reaches a compiled kernel as float32, so the count's ratio is taken and
-    the momentum summed from its float32 halves (:func:`momentum_args`) in ACC: float64 running
-    stats as torch's (float32 ones unchanged: hi + lo rounds to hi)."""
+    the momentum's low part (:func:`momentum_lo`) added back in ACC: float64 running
+    stats as torch's (other dtypes unchanged: MOMENTUM_LO is 0.0)."""
     mask_c = ch < C
     tl.store(save_mean_ptr + ch, mean, mask=mask_c)
     tl.store(save_rstd_ptr + ch, rstd, mask=mask_c)
@@ -337,7 +349,9 @@ def _record_stats(save_mean_ptr, save_rstd_ptr, run_mean_ptr, run_var_ptr, nbt_p
         if CUMULATIVE:
             m = 1.0 / tl.load(nbt_ptr).to(ACC)
         else:
-            m = (momentum + tl.zeros_like(run_mean)) + momentum_lo
+            m = momentum + tl.zeros_like(run_mean)
+            if MOMENTUM_LO != 0.0:
+                m = m + MOMENTUM_LO
         tl.store(run_mean_ptr + ch, run_mean + m * (mean - run_mean), mask=mask_c)
         tl.store(run_var_ptr + ch, run_var + m * (unbiased - run_var), mask=mask_c)
 
@@ -370,7 +384,8 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
     kernel[p.grid](
         x, y, residual, weight, bias, count_buf, part_a, part_b,
         running_mean, running_var, num_batches_tracked, save_mean, save_rstd,
-        *sizes, *momentum_args(momentum), float(eps), *layout, **flags, **opts,
+        *sizes, momentum_hi(momentum, x.dtype), float(eps), *layout, **flags, **opts,
+        MOMENTUM_LO=momentum_lo(momentum, x.dtype),
     )
 
 
@@ -466,7 +481,8 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
                                 RUNNING_STATS if running_mean is not None else ())
         kernel[p.grid](
             x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-            save_mean, save_rstd, *sizes, *momentum_args(momentum), float(eps), *layout, **flags,
+            save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), float(eps), *layout, **flags,
+            MOMENTUM_LO=momentum_lo(momentum, x.dtype),
             **opts,
         )
         return y, save_mean, save_rstd
@@ -556,7 +572,8 @@ def eval_recipe(x, weight, bias, eps, residual=None, epilogue=Epilogue.NONE):
         FROM_RUNNING.value, False, False, weight is not None, bias is not None, epilogue,
         x.dtype, channels_last)
     kernel, opts = launcher(_bn_fwd_apply_kernel, p.num_warps)
-    grid, tail, kwargs = p.grid, (*sizes, 0.0, 0.0, float(eps), *strides_), {**flags, **opts}
+    grid, tail, kwargs = (p.grid, (*sizes, 0.0, float(eps), *strides_),
+                         {**flags, **opts, "MOMENTUM_LO": 0.0})
 
     def run(x, weight, bias, running_mean, running_var, residual):
         y = new_output(x)
@@ -596,7 +613,8 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
             save_mean = torch.empty(C, dtype=acc, device=device)
             save_rstd = torch.empty(C, dtype=acc, device=device)
             kernel[grid](x, y, residual, weight, bias, running_mean, running_var, nbt,
-                         save_mean, save_rstd, *sizes, *momentum_args(momentum), eps, *strides_,
+                         save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), eps, *strides_,
+                         MOMENTUM_LO=momentum_lo(momentum, x.dtype),
                          **kwargs)
             return y, save_mean, save_rstd
         return run
@@ -618,7 +636,8 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
         for pass_ in passes:
             launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b)
         kernel[grid](x, y, residual, weight, bias, count_buf, part_a, part_b, running_mean,
-                     running_var, nbt, save_mean, save_rstd, *sizes, *momentum_args(momentum), eps,
+                     running_var, nbt, save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), eps,
+                     MOMENTUM_LO=momentum_lo(momentum, x.dtype),
                      *strides_, **kwargs)
         return y, save_mean, save_rstd
     return run

@@ -78,12 +78,13 @@ def momentum_hi(momentum, dtype):
     return _F32.unpack(_F32.pack(m))[0] if dtype == torch.float64 else m
 
 
-def momentum_lo(momentum, dtype):
+def momentum_lo(momentum, dtype, cumulative=False):
     """The MOMENTUM_LO constexpr: for float64, the momentum's part below its float32 value (a
     float argument reaches a compiled kernel as float32, 1.5e-8 off at 0.1: beyond float64
     running stats' tolerance), which the kernel adds back in float64; 0.0 for every other
-    dtype (one compiled variant, the running update unchanged)."""
-    if dtype != torch.float64:
+    dtype and for cumulative averaging (momentum unused; one compiled variant, the running
+    update unchanged)."""
+    if dtype != torch.float64 or cumulative:
         return 0.0
     m = float(momentum)
     return m - _F32.unpack(_F32.pack(m))[0]
@@ -385,7 +386,7 @@ def _launch_apply(x, y, residual, weight, bias, parts, running_mean, running_var
         x, y, residual, weight, bias, count_buf, part_a, part_b,
         running_mean, running_var, num_batches_tracked, save_mean, save_rstd,
         *sizes, momentum_hi(momentum, x.dtype), float(eps), *layout, **flags, **opts,
-        MOMENTUM_LO=momentum_lo(momentum, x.dtype),
+        MOMENTUM_LO=momentum_lo(momentum, x.dtype, num_batches_tracked is not None),
     )
 
 
@@ -482,7 +483,7 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         kernel[p.grid](
             x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,
             save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), float(eps), *layout, **flags,
-            MOMENTUM_LO=momentum_lo(momentum, x.dtype),
+            MOMENTUM_LO=momentum_lo(momentum, x.dtype, num_batches_tracked is not None),
             **opts,
         )
         return y, save_mean, save_rstd
@@ -614,7 +615,7 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
             save_rstd = torch.empty(C, dtype=acc, device=device)
             kernel[grid](x, y, residual, weight, bias, running_mean, running_var, nbt,
                          save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), eps, *strides_,
-                         MOMENTUM_LO=momentum_lo(momentum, x.dtype),
+                         MOMENTUM_LO=momentum_lo(momentum, x.dtype, nbt is not None),
                          **kwargs)
             return y, save_mean, save_rstd
         return run
@@ -637,7 +638,7 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
             launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b)
         kernel[grid](x, y, residual, weight, bias, count_buf, part_a, part_b, running_mean,
                      running_var, nbt, save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), eps,
-                     MOMENTUM_LO=momentum_lo(momentum, x.dtype),
+                     MOMENTUM_LO=momentum_lo(momentum, x.dtype, nbt is not None),
                      *strides_, **kwargs)
         return y, save_mean, save_rstd
     return run

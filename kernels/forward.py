@@ -71,11 +71,14 @@ FROM_WELFORD = tl.constexpr(2)  # merged single-pass partials
 _F32 = struct.Struct("f")
 
 
+def _float32(value):
+    return _F32.unpack(_F32.pack(value))[0]
+
+
 def momentum_hi(momentum, dtype):
     """The momentum argument: for float64, its float32 value (what a compiled kernel gets,
     and the interpreter then too), beside :func:`momentum_lo`; else the momentum."""
-    m = float(momentum)
-    return _F32.unpack(_F32.pack(m))[0] if dtype == torch.float64 else m
+    return _float32(float(momentum)) if dtype == torch.float64 else float(momentum)
 
 
 def momentum_lo(momentum, dtype, cumulative=False):
@@ -86,8 +89,8 @@ def momentum_lo(momentum, dtype, cumulative=False):
     update unchanged)."""
     if dtype != torch.float64 or cumulative:
         return 0.0
-    m = float(momentum)
-    return m - _F32.unpack(_F32.pack(m))[0]
+    return float(momentum) - _float32(float(momentum))
+
 
 STATS_MODES = ("two_pass", "single_pass")
 # updated in place, so restored between autotune trials
@@ -482,9 +485,9 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
                                 RUNNING_STATS if running_mean is not None else ())
         kernel[p.grid](
             x, y, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-            save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), float(eps), *layout, **flags,
+            save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), float(eps), *layout,
             MOMENTUM_LO=momentum_lo(momentum, x.dtype, num_batches_tracked is not None),
-            **opts,
+            **flags, **opts,
         )
         return y, save_mean, save_rstd
     part_shape = (p.split, C)
@@ -614,8 +617,8 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
             save_mean = torch.empty(C, dtype=acc, device=device)
             save_rstd = torch.empty(C, dtype=acc, device=device)
             kernel[grid](x, y, residual, weight, bias, running_mean, running_var, nbt,
-                         save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), eps, *strides_,
-                         MOMENTUM_LO=momentum_lo(momentum, x.dtype, nbt is not None),
+                         save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), eps,
+                         *strides_, MOMENTUM_LO=momentum_lo(momentum, x.dtype, nbt is not None),
                          **kwargs)
             return y, save_mean, save_rstd
         return run
@@ -637,8 +640,8 @@ def train_recipe(x, weight, bias, running_mean, eps, stats, residual=None,
         for pass_ in passes:
             launch_stats(x, channels_last, p, pass_, count_buf, part_a, part_b)
         kernel[grid](x, y, residual, weight, bias, count_buf, part_a, part_b, running_mean,
-                     running_var, nbt, save_mean, save_rstd, *sizes, momentum_hi(momentum, x.dtype), eps,
-                     MOMENTUM_LO=momentum_lo(momentum, x.dtype, nbt is not None),
-                     *strides_, **kwargs)
+                     running_var, nbt, save_mean, save_rstd, *sizes,
+                     momentum_hi(momentum, x.dtype), eps, *strides_,
+                     MOMENTUM_LO=momentum_lo(momentum, x.dtype, nbt is not None), **kwargs)
         return y, save_mean, save_rstd
     return run

@@ -380,7 +380,7 @@ def scratch_clone(tmp_path):
     where a user's checkout would write works there, never in the user's own files."""
     clone = tmp_path / "checkout"
     subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)],
-                   check=True, capture_output=True, timeout=120)
+                   check=True, capture_output=True, timeout=1200)
     return clone
 
 

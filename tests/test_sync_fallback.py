@@ -38,7 +38,7 @@ def torchrun(script, interpret, tries=2):
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
              "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
              str(script)],
-            cwd=script.parent, env=env, capture_output=True, text=True, timeout=600,
+            cwd=script.parent, env=env, capture_output=True, text=True, timeout=1200,
             start_new_session=True)  # a timeout kills torchrun; its workers die with it
         if out.returncode == 0 or TEARDOWN_ABORT not in out.stderr:
             break
